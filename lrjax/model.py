@@ -1,0 +1,277 @@
+"""A pure-functional Flax (linen) LLaMA-family decoder: LLaMA 1/2/3, Mistral-style, any GQA ratio.
+
+Parameters are one flat pytree with every decoder layer stacked on a leading axis, whatever the execution
+choice (scan or unrolled), so checkpoints never depend on it:
+
+  embed            [V, D]
+  layers/attn_norm [L, D]        layers/q [L, D, N, H]   layers/k, layers/v [L, D, K, H]
+  layers/o         [L, N, H, D]  layers/mlp_norm [L, D]  layers/gate, layers/up [L, D, F]
+  layers/down      [L, F, D]
+  final_norm       [D]
+  lm_head          [D, V]        (absent when embeddings are tied)
+
+Positions are an input (global positions: sequence sharding, n̂ and the LongRoPE switch all need the true
+position) and so are the RoPE arrays (traced: a new factor set never recompiles).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from lrjax import attention as attention_lib
+from lrjax import rope as rope_lib
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture (as in a Hugging Face LlamaConfig) plus execution choices.
+
+  Architecture: vocab_size V, hidden_size D, intermediate_size F, num_layers L, num_heads N, num_kv_heads K,
+  head_dim H, rope_theta, partial_rotary_factor, rms_norm_eps, tie_word_embeddings, max_position_embeddings,
+  rope_scaling (the checkpoint's own scaling), bos/eos token ids.
+  Execution: dtype (compute) and param_dtype; attention implementation ("reference", "blockwise", "xla",
+  "cudnn", "ring") and its block sizes; scan_layers (lax.scan vs unrolled); remat policy; the mesh axis that
+  ring attention rotates over.
+  """
+
+  vocab_size: int = 256
+  hidden_size: int = 256
+  intermediate_size: int = 768
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 64
+  rope_theta: float = 10000.0
+  partial_rotary_factor: float = 1.0
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = False
+  max_position_embeddings: int = 2048
+  rope_scaling: rope_lib.RopeScaling = rope_lib.RopeScaling()
+  bos_token_id: int | None = None
+  eos_token_id: int | None = None
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  attention: str = "blockwise"
+  block_q: int = 512
+  block_k: int = 512
+  scan_layers: bool = True
+  remat: str = "none"
+  sequence_axis: str = "sequence"
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+    if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+      raise ValueError(f"rotary dim {self.rotary_dim} must be even and within head_dim {self.head_dim}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"unknown remat policy {self.remat!r}; expected one of {', '.join(REMAT_POLICIES)}")
+    if self.attention not in attention_lib.IMPLEMENTATIONS + ("ring",):
+      raise ValueError(f"unknown attention implementation {self.attention!r}")
+
+  @property
+  def rotary_dim(self) -> int:
+    return int(self.head_dim * self.partial_rotary_factor)
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  def rope_arrays(self, scaling: rope_lib.RopeScaling | None = None,
+                  seq_len: int | None = None) -> rope_lib.RopeArrays:
+    """Host-side RopeArrays for `scaling` (default: the checkpoint's own) at a sequence length."""
+    return rope_lib.rope_arrays(self.rope_scaling if scaling is None else scaling, dim=self.rotary_dim,
+                                theta=self.rope_theta, n_layers=self.num_layers,
+                                max_position_embeddings=self.max_position_embeddings, seq_len=seq_len)
+
+  def num_params(self) -> int:
+    d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+    attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+    per_layer = attn + 3 * d * f + 2 * d
+    return v * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + d
+
+
+# Logical axes of every parameter, for lrjax.sharding's rules.
+PARAM_AXES = {
+    "embed": ("vocab", "embed"),
+    "final_norm": ("norm",),
+    "lm_head": ("embed", "vocab"),
+    "layers/attn_norm": ("layers", "norm"),
+    "layers/mlp_norm": ("layers", "norm"),
+    "layers/q": ("layers", "embed", "q_heads", "head_dim"),
+    "layers/k": ("layers", "embed", "kv_heads", "head_dim"),
+    "layers/v": ("layers", "embed", "kv_heads", "head_dim"),
+    "layers/o": ("layers", "q_heads", "head_dim", "embed"),
+    "layers/gate": ("layers", "embed", "mlp"),
+    "layers/up": ("layers", "embed", "mlp"),
+    "layers/down": ("layers", "mlp", "embed"),
+}
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """transformers' LlamaRMSNorm: normalise in f32, cast back, then scale."""
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return weight.astype(x.dtype) * y.astype(x.dtype)
+
+
+def _remat_policy(name: str):
+  return {
+      "full": None,
+      "dots": jax.checkpoint_policies.checkpoint_dots,
+      "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+      "save_proj": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out", "mlp_hidden"),
+  }[name]
+
+
+def _constrain(x, axes):
+  return nn.with_logical_constraint(x, axes)
+
+
+def decoder_layer(x: jax.Array, p: dict, positions: jax.Array, inv_freq: jax.Array,
+                  rope: rope_lib.RopeArrays, cfg: ModelConfig, cache: dict | None = None,
+                  cache_index: jax.Array | None = None):
+  """One pre-norm decoder layer.
+
+  Args:
+    x: [b, t, D] residual stream (compute dtype).
+    p: this layer's parameters (layer axis removed).
+    positions: i32[b, t] global positions of x's tokens.
+    inv_freq: f32[d/2], this layer's scaled inverse frequencies.
+    rope: the remaining RopeArrays (base frequencies, mscale, n̂).
+    cache: optional {"k","v": [b, S, K, H], "pos": i32[b, S]} of this layer; new keys are written at
+      cache_index and attention runs over the whole cache.
+  Returns:
+    (x [b, t, D], updated cache or None).
+  """
+  dt = jnp.dtype(cfg.dtype)
+  w = lambda name: p[name].astype(dt)
+  h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+  q = checkpoint_name(jnp.einsum("btd,dnh->btnh", h, w("q")), "qkv")
+  k = checkpoint_name(jnp.einsum("btd,dkh->btkh", h, w("k")), "qkv")
+  v = checkpoint_name(jnp.einsum("btd,dkh->btkh", h, w("v")), "qkv")
+  q = _constrain(q, ("batch", "length", "q_heads", "head_dim"))
+  k = _constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+  v = _constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+  cos, sin = rope_lib.cos_sin(positions, inv_freq, rope)
+  q, k = rope_lib.apply_rope(q, cos, sin), rope_lib.apply_rope(k, cos, sin)
+  if cache is not None:
+    k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
+    v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)
+    k_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions, cache_index, 1)
+    cache = {"k": k_all, "v": v_all, "pos": k_pos}
+    impl = "blockwise" if cfg.attention in ("blockwise", "ring") else "reference"
+    a = attention_lib.attention(q, k_all.astype(dt), v_all.astype(dt), positions, k_pos,
+                                implementation=impl, block_q=cfg.block_q, block_k=cfg.block_k)
+  elif cfg.attention == "ring":
+    from lrjax import ring  # layer above attention; imported lazily so single-device use never needs it
+    a = ring.ring_attention_sharded(q, k, v, positions, positions, axis_name=cfg.sequence_axis,
+                                    block_q=cfg.block_q, block_k=cfg.block_k)
+  else:
+    a = attention_lib.attention(q, k, v, positions, positions, implementation=cfg.attention,
+                                block_q=cfg.block_q, block_k=cfg.block_k)
+  a = checkpoint_name(jnp.einsum("btnh,nhd->btd", a, w("o")), "attn_out")
+  x = _constrain(x + a, ("batch", "length", "embed"))
+  h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+  gate = jnp.einsum("btd,df->btf", h, w("gate"))
+  up = jnp.einsum("btd,df->btf", h, w("up"))
+  hidden = checkpoint_name(_constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp")), "mlp_hidden")
+  x = _constrain(x + jnp.einsum("btf,fd->btd", hidden, w("down")), ("batch", "length", "embed"))
+  return x, cache
+
+
+class Llama(nn.Module):
+  """LLaMA-family decoder. __call__ returns final-normed hidden states; see `head` for the vocab projection."""
+
+  config: ModelConfig
+
+  def setup(self):
+    c = self.config
+    pd = jnp.dtype(c.param_dtype)
+    init = nn.initializers.normal(0.02)
+    L, D, N, K, H, F, V = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                           c.intermediate_size, c.vocab_size)
+    self.embed = self.param("embed", init, (V, D), pd)
+    self.final_norm = self.param("final_norm", nn.initializers.ones, (D,), pd)
+    if not c.tie_word_embeddings:
+      self.lm_head = self.param("lm_head", init, (D, V), pd)
+    shapes = {"attn_norm": (L, D), "q": (L, D, N, H), "k": (L, D, K, H), "v": (L, D, K, H),
+              "o": (L, N, H, D), "mlp_norm": (L, D), "gate": (L, D, F), "up": (L, D, F), "down": (L, F, D)}
+    self.layers = self.param("layers", _layers_init(shapes, pd))
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array, rope: rope_lib.RopeArrays,
+               cache: dict | None = None, cache_index: jax.Array | None = None):
+    """Args:
+      tokens: i32[b, t]; positions: i32[b, t] global positions; rope: RopeArrays (inv_freq [L, d/2]).
+      cache: optional {"k","v": [L, b, S, K, H], "pos": i32[L, b, S]}; cache_index: where t new tokens go.
+    Returns:
+      hidden f32/compute-dtype [b, t, D] (after the final norm), and the updated cache (None without one).
+    """
+    c = self.config
+    dt = jnp.dtype(c.dtype)
+    x = jnp.take(self.embed, tokens, axis=0, mode="clip").astype(dt)
+    x = _constrain(x, ("batch", "length", "embed"))
+
+    def body(x, layer):
+      p, inv_freq, layer_cache = layer
+      return decoder_layer(x, p, positions, inv_freq, rope, c, layer_cache, cache_index)
+
+    if c.remat != "none":
+      body = jax.checkpoint(body, policy=_remat_policy(c.remat), prevent_cse=not c.scan_layers)
+    xs = (self.layers, rope.inv_freq, cache)
+    if c.scan_layers:
+      x, new_cache = jax.lax.scan(body, x, xs)
+    else:
+      outs = []
+      for i in range(c.num_layers):
+        x, layer_cache = body(x, jax.tree.map(lambda a: a[i], xs))
+        outs.append(layer_cache)
+      new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    return rms_norm(x, self.final_norm, c.rms_norm_eps), new_cache
+
+  def head(self) -> jax.Array:
+    """The vocab projection [D, V] (the transposed embedding when tied)."""
+    return self.embed.T if self.config.tie_word_embeddings else self.lm_head
+
+
+def _init_for(name):
+  return nn.initializers.ones if name.endswith("norm") else nn.initializers.normal(0.02)
+
+
+def _layers_init(shapes, dtype):
+  def init(key):
+    keys = jax.random.split(key, len(shapes))
+    return {name: _init_for(name)(k, shape, dtype) for k, (name, shape) in zip(keys, shapes.items())}
+  return init
+
+
+def init_params(config: ModelConfig, key: jax.Array) -> dict:
+  """Random parameters (normal(0.02) weights, unit norms), as a plain dict."""
+  b, t = 1, 8
+  tokens = jnp.zeros((b, t), jnp.int32)
+  positions = jnp.zeros((b, t), jnp.int32)
+  rope = jax.tree.map(jnp.asarray, config.rope_arrays())
+  return jax.jit(lambda k: Llama(config).init(k, tokens, positions, rope)["params"])(key)
+
+
+def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array,
+            rope: rope_lib.RopeArrays) -> jax.Array:
+  """Hidden states [b, t, D] after the final norm."""
+  return Llama(config).apply({"params": params}, tokens, positions, rope)[0]
+
+
+def head_weights(config: ModelConfig, params: dict) -> jax.Array:
+  """The vocab projection [D, V]."""
+  return params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+
+
+def logits(config: ModelConfig, params: dict, tokens, positions, rope) -> jax.Array:
+  """Full logits f32[b, t, V]; for tests and short decoding only (long inputs use lrjax.loss)."""
+  hidden = forward(config, params, tokens, positions, rope)
+  return jnp.einsum("btd,dv->btv", hidden, head_weights(config, params).astype(hidden.dtype),
+                    preferred_element_type=jnp.float32)
