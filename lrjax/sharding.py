@@ -1,0 +1,330 @@
+"""Device mesh, logical-axis sharding rules, multi-host set-up.
+
+One mesh with four named axes, always in this order (size-1 axes cost nothing):
+
+  data      pure data parallelism (params replicated)
+  fsdp      data parallelism with parameters, gradients and optimizer state sharded (ZeRO-3 style)
+  sequence  sequence (context) parallelism: ring attention rotates K/V around this axis
+  tensor    tensor (head / MLP / vocab) parallelism
+
+Arrays are annotated with logical axis names (lrjax.model.PARAM_AXES for parameters, flax
+`nn.with_logical_constraint` for activations) and one small table, LOGICAL_RULES, maps them to mesh axes.
+Weights' `embed` dimension is sharded over (fsdp, sequence), as in LWM and MaxText, so devices of one
+sequence group do not each hold a full copy of the weights. Activations resolve `batch` first, so their
+`embed` dimension finds fsdp and sequence already taken and stays unsharded (flax's priority rule).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+BATCH_AXES = ("data", "fsdp")
+SEQUENCE_AXIS = "sequence"
+TENSOR_AXIS = "tensor"
+
+# (logical name, mesh axes), in priority order; see the module docstring.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("length", SEQUENCE_AXIS),
+    ("vocab", TENSOR_AXIS),
+    ("q_heads", TENSOR_AXIS),
+    ("kv_heads", TENSOR_AXIS),
+    ("mlp", TENSOR_AXIS),
+    ("embed", ("fsdp", SEQUENCE_AXIS)),
+    ("layers", None),
+    ("head_dim", None),
+    ("norm", None),
+)
+
+LOAD_BALANCE_ORDERS = ("none", "zigzag", "striped")
+_DISTRIBUTED_KEYS = ("coordinator_address", "num_processes", "process_id", "local_device_ids", "auto")
+
+
+class ShardingError(ValueError):
+  """A mesh, sharding or distributed setting that cannot work; the message names the problem."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mesh.
+
+
+def _as_dict(cfg: Mapping[str, Any] | Any) -> dict:
+  if hasattr(cfg, "to_dict"):  # ml_collections.ConfigDict
+    return dict(cfg.to_dict())
+  return dict(cfg)
+
+
+def mesh_shape(mesh_config: Mapping[str, int] | Any, num_devices: int) -> dict[str, int]:
+  """Axis sizes {data, fsdp, sequence, tensor} for `num_devices`; one size may be -1 (= the rest).
+
+  Missing axes are 1. Raises ShardingError on unknown axes, non-positive sizes, more than one -1, or sizes
+  whose product is not the device count.
+  """
+  sizes = _as_dict(mesh_config)
+  unknown = sorted(set(sizes) - set(MESH_AXES))
+  if unknown:
+    raise ShardingError(f"unknown mesh axes {unknown}; expected a subset of {list(MESH_AXES)}")
+  sizes = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
+  bad = {a: s for a, s in sizes.items() if s == 0 or s < -1}
+  if bad:
+    raise ShardingError(f"mesh axis sizes must be positive or -1 (the rest), got {bad}")
+  rest = [a for a, s in sizes.items() if s == -1]
+  if len(rest) > 1:
+    raise ShardingError(f"at most one mesh axis may be -1, got {rest}")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if rest:
+    if num_devices % fixed:
+      raise ShardingError(f"mesh {sizes}: the fixed axes multiply to {fixed}, which does not divide the "
+                          f"{num_devices} devices")
+    sizes[rest[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ShardingError(f"mesh {sizes} has {fixed} devices but {num_devices} are available; make the sizes "
+                        f"multiply to {num_devices} or set one axis to -1")
+  return sizes
+
+
+def make_mesh(mesh_config: Mapping[str, int] | Any, devices: Sequence[Any] | None = None) -> Mesh:
+  """A Mesh with axes MESH_AXES from a ConfigDict/mapping of axis sizes (-1 = the rest).
+
+  Args:
+    mesh_config: e.g. ConfigDict(dict(data=1, fsdp=-1, sequence=1, tensor=1)).
+    devices: the devices to use (default: all of jax.devices(), laid out for the physical topology).
+  """
+  all_devices = devices is None
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_shape(mesh_config, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  if all_devices:
+    try:  # topology-aware order on TPU/GPU; a plain reshape elsewhere
+      grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+      grid = np.asarray(devices, dtype=object).reshape(shape)
+  else:
+    grid = np.asarray(devices, dtype=object).reshape(shape)
+  return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def axis_size(mesh: Mesh | jax.sharding.AbstractMesh, axes: str | Sequence[str] | None) -> int:
+  """Product of the sizes of `axes` (a name, a tuple of names, or None) in `mesh`."""
+  if axes is None:
+    return 1
+  if isinstance(axes, str):
+    axes = (axes,)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Logical rules.
+
+
+def logical_rules(mesh: Mesh | jax.sharding.AbstractMesh | None = None,
+                  rules: Sequence[tuple[str, Any]] | None = None) -> tuple[tuple[str, Any], ...]:
+  """Rules for flax.linen.logical_axis_rules; mesh axes absent from `mesh` are dropped (when given)."""
+  rules = LOGICAL_RULES if rules is None else tuple(rules)
+  if mesh is None:
+    return tuple(rules)
+  present = set(mesh.axis_names)
+  out = []
+  for name, axes in rules:
+    if axes is None:
+      out.append((name, None))
+      continue
+    kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a in present)
+    out.append((name, kept[0] if len(kept) == 1 else (kept or None)))
+  return tuple(out)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None) -> Iterator[Mesh]:
+  """Activate `mesh` (jax.set_mesh) and the logical rules, so the model's activation constraints and
+  ring attention's shard_map take effect in functions traced inside the block."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules(mesh, rules)):
+    yield mesh
+
+
+def logical_to_spec(axes: Sequence[str | None], mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] | None = None) -> P:
+  """PartitionSpec of an array with logical `axes` under `rules` (flax's priority resolution)."""
+  return nn.logical_to_mesh_axes(tuple(axes), logical_rules(mesh, rules))
+
+
+def _path_name(path) -> str:
+  parts = []
+  for k in path:
+    parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+  return "/".join(parts)
+
+
+def param_shardings(mesh: Mesh, params: Any, rules: Sequence[tuple[str, Any]] | None = None,
+                    param_axes: Mapping[str, tuple] | None = None) -> Any:
+  """NamedSharding for every parameter (same pytree structure as `params`).
+
+  Args:
+    mesh: the mesh.
+    params: the parameter pytree (arrays or jax.ShapeDtypeStruct), paths like "layers/q".
+    rules: logical rules (default LOGICAL_RULES).
+    param_axes: path -> logical axes (default lrjax.model.PARAM_AXES).
+  Raises:
+    ShardingError naming every parameter without logical axes, with the wrong rank, or with a sharded
+    dimension that the mesh axes do not divide.
+  """
+  if param_axes is None:
+    from lrjax.model import PARAM_AXES as param_axes  # noqa: N811 (the model owns the table)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  missing, problems, out = [], [], []
+  for path, leaf in leaves:
+    name = _path_name(path)
+    axes = param_axes.get(name)
+    if axes is None:
+      missing.append(name)
+      continue
+    if len(axes) != len(leaf.shape):
+      problems.append(f"{name} has shape {tuple(leaf.shape)} but logical axes {axes}")
+      continue
+    spec = logical_to_spec(axes, mesh, rules)
+    for dim, (size, mesh_axes) in enumerate(zip(leaf.shape, tuple(spec) + (None,) * len(leaf.shape))):
+      n = axis_size(mesh, mesh_axes)
+      if size % n:
+        problems.append(f"{name} dim {dim} ({axes[dim]}) has size {size}, not divisible by mesh axes "
+                        f"{mesh_axes} of size {n}")
+    out.append(NamedSharding(mesh, spec))
+  if missing:
+    raise ShardingError(f"parameters without logical axes (add them to lrjax.model.PARAM_AXES): {missing}")
+  if problems:
+    raise ShardingError("; ".join(problems))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def batch_spec(mesh: Mesh | jax.sharding.AbstractMesh, sequence_axis: str = SEQUENCE_AXIS) -> P:
+  """PartitionSpec of [b, t] token/position/target arrays: batch over (data, fsdp), length over sequence."""
+  batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  length = sequence_axis if sequence_axis in mesh.axis_names else None
+  return P(batch or None, length)
+
+
+def batch_sharding(mesh: Mesh, sequence_axis: str = SEQUENCE_AXIS) -> NamedSharding:
+  """NamedSharding of [b, t] (or [b, t, ...]) data arrays; see batch_spec."""
+  return NamedSharding(mesh, batch_spec(mesh, sequence_axis))
+
+
+def validate(mesh: Mesh, *, batch: int, length: int, config: Any, order: str = "none") -> None:
+  """Fail up front, with every problem named, if this mesh cannot run `config` on [batch, length] inputs.
+
+  Args:
+    mesh: the mesh.
+    batch, length: global batch size and sequence length (tokens per sequence).
+    config: an lrjax.model.ModelConfig (heads, kv heads, sizes, attention, sequence_axis).
+    order: load-balancing order applied to the data ("none", "zigzag", "striped"); zigzag needs
+      length divisible by 2 * sequence.
+  Raises:
+    ShardingError listing each violated precondition.
+  """
+  if order not in LOAD_BALANCE_ORDERS:
+    raise ShardingError(f"unknown load-balancing order {order!r}; expected one of {LOAD_BALANCE_ORDERS}")
+  s = lambda a: mesh.shape.get(a, 1)
+  seq_axis = getattr(config, "sequence_axis", SEQUENCE_AXIS)
+  problems = []
+  n_batch = axis_size(mesh, tuple(a for a in BATCH_AXES if a in mesh.axis_names))
+  if batch % n_batch:
+    problems.append(f"batch {batch} is not divisible by data*fsdp = {n_batch}")
+  n_seq = s(seq_axis)
+  if getattr(config, "attention", None) == "ring" and seq_axis not in mesh.axis_names:
+    problems.append(f"attention='ring' rotates over mesh axis {seq_axis!r}, which the mesh "
+                    f"{tuple(mesh.axis_names)} lacks")
+  chunks = 2 * n_seq if order == "zigzag" else n_seq
+  if length % chunks:
+    what = f"2*sequence = {chunks} (zig-zag load balancing)" if order == "zigzag" else f"sequence = {chunks}"
+    problems.append(f"length {length} is not divisible by {what}")
+  n_tp = s(TENSOR_AXIS)
+  for field, label in (("num_heads", "query heads"), ("num_kv_heads", "key/value heads"),
+                       ("intermediate_size", "intermediate (mlp) size"), ("vocab_size", "vocab size")):
+    value = getattr(config, field, None)
+    if value is not None and value % n_tp:
+      problems.append(f"{label} {value} is not divisible by tensor = {n_tp}")
+  n_embed = s("fsdp") * n_seq
+  hidden = getattr(config, "hidden_size", None)
+  if hidden is not None and hidden % n_embed:
+    problems.append(f"hidden size {hidden} is not divisible by fsdp*sequence = {n_embed} (weights' embed dim)")
+  if problems:
+    raise ShardingError(f"mesh {dict(mesh.shape)} cannot run this input: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Multi-host.
+
+
+def initialize_distributed(config: Mapping[str, Any] | Any) -> bool:
+  """jax.distributed.initialize for multi-process runs; a no-op (returns False) for a single process.
+
+  Args:
+    config: ConfigDict/mapping with keys coordinator_address ("host:port" of process 0), num_processes,
+      process_id, local_device_ids (optional) and auto (let JAX detect SLURM / Open MPI / TPU pods).
+      A single process is: auto false and num_processes 1 (or unset) and no coordinator address.
+  Returns:
+    True when a multi-process runtime was initialised (or already was).
+  """
+  cfg = _as_dict(config)
+  unknown = sorted(set(cfg) - set(_DISTRIBUTED_KEYS))
+  if unknown:
+    raise ShardingError(f"unknown distributed settings {unknown}; expected a subset of {list(_DISTRIBUTED_KEYS)}")
+  if jax.distributed.is_initialized():
+    return True
+  address = cfg.get("coordinator_address") or None
+  num = cfg.get("num_processes")
+  pid = cfg.get("process_id")
+  local = cfg.get("local_device_ids")
+  if cfg.get("auto", False):
+    try:
+      jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+      raise ShardingError(f"automatic jax.distributed set-up failed (no supported cluster detected?): "
+                          f"{str(e).splitlines()[0]}") from e
+    return True
+  if (num is None or int(num) == 1) and address is None:
+    return False
+  if address is None:
+    raise ShardingError(f"num_processes={num} needs coordinator_address ('host:port' of process 0)")
+  if num is None or int(num) < 1:
+    raise ShardingError(f"num_processes must be a positive integer, got {num!r}")
+  if pid is None or not 0 <= int(pid) < int(num):
+    raise ShardingError(f"process_id must be in [0, {num}), got {pid!r}")
+  if ":" not in str(address):
+    raise ShardingError(f"coordinator_address must be 'host:port', got {address!r}")
+  try:
+    jax.distributed.initialize(coordinator_address=str(address), num_processes=int(num),
+                               process_id=int(pid), local_device_ids=local)
+  except (ValueError, RuntimeError) as e:
+    raise ShardingError(f"jax.distributed.initialize({address}, process {pid}/{num}) failed: "
+                        f"{str(e).splitlines()[0]}") from e
+  return True
+
+
+def host_local_to_global(mesh: Mesh, host_batch: Any, sharding: NamedSharding | None = None) -> Any:
+  """Assemble each process's slice of the batch into global jax.Arrays.
+
+  Args:
+    mesh: the mesh.
+    host_batch: pytree of host arrays [b_local, t, ...]; b_local = global batch / process_count (each
+      process loads different documents).
+    sharding: target sharding (default batch_sharding(mesh)).
+  Returns:
+    The same pytree of global arrays [b, t, ...].
+  """
+  sharding = batch_sharding(mesh) if sharding is None else sharding
+
+  def one(x):
+    x = np.asarray(x)
+    if x.ndim < 1:
+      raise ShardingError(f"batch leaves need a leading batch dimension, got shape {x.shape}")
+    return jax.make_array_from_process_local_data(sharding, x)
+
+  return jax.tree.map(one, host_batch)
