@@ -1,0 +1,111 @@
+"""Passkey retrieval (Mohtashami & Jaggi format, as LongRoPE evaluates it), scored by greedy decoding.
+
+A needle "The pass key is K. Remember it. K is the pass key." sits at a uniformly random depth inside
+repeated filler; the model must complete "The pass key is" with K. The "python" format says the same thing
+in code, for models trained on source code (the built-in model); the scoring is identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+
+from lrjax import decode
+from lrjax import model as model_lib
+from lrjax import rope as rope_lib
+
+FORMATS = {
+    "paper": dict(
+        intro=("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+               "I will quiz you about the important information there."),
+        filler="The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ",
+        needle="The pass key is {key}. Remember it. {key} is the pass key.",
+        question="What is the pass key? The pass key is",
+        joiner="\n"),
+    "python": dict(
+        intro="# There is an important value hidden inside a lot of irrelevant code. Remember it.",
+        filler="x = y + 1\nif x > y:\n    y = x\n",
+        needle="PASS_KEY = {key}  # remember this value\n",
+        question="assert PASS_KEY ==",
+        joiner="\n"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  tokens: np.ndarray  # i32[t], the prompt
+  key: int
+  depth: float  # needle position as a fraction of the filler
+
+
+def build_sample(tokenizer, target_tokens: int, rng: np.random.Generator, fmt: str = "paper") -> Sample:
+  """One prompt of about `target_tokens` tokens with the needle placed uniformly in the filler.
+
+  The filler budget is calibrated on the tokenizer (the paper's fixed 3.65 characters per token only holds
+  for the LLaMA tokenizer), so byte-level and sentencepiece prompts both come out at the target length.
+  """
+  if fmt not in FORMATS:
+    raise ValueError(f"unknown passkey format {fmt!r}; expected one of {', '.join(FORMATS)}")
+  f = FORMATS[fmt]
+  key = int(rng.integers(1, 50001))
+  needle = f["needle"].format(key=key)
+  fixed = len(_encode(tokenizer, f["joiner"].join([f["intro"], "", needle, "", f["question"]])))
+  probe = f["filler"] * 64
+  chars_per_token = len(probe) / len(_encode(tokenizer, probe))
+  budget = max(0, int((target_tokens - fixed) * chars_per_token))
+  filler = (f["filler"] * (budget // len(f["filler"]) + 1))[:budget]
+  split = int(rng.integers(0, budget + 1))
+  text = f["joiner"].join([f["intro"], filler[:split], needle, filler[split:], f["question"]])
+  tokens = np.asarray(_encode(tokenizer, text), np.int32)
+  bos = getattr(tokenizer, "bos_id", None)
+  if bos is not None:
+    tokens = np.concatenate([[bos], tokens]).astype(np.int32)
+  return Sample(tokens=tokens, key=key, depth=split / max(budget, 1))
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+  return list(tokenizer.encode(text))
+
+
+def score(continuation: str, key: int) -> bool:
+  """Correct when the first integer in the continuation is the key (the official scoring)."""
+  match = re.search(r"\d+", continuation)
+  return match is not None and int(match.group()) == key
+
+
+def accuracy(config: model_lib.ModelConfig, params: dict, tokenizer, *, lengths: list[int],
+             scaling_for_length, samples: int = 10, seed: int = 42, fmt: str = "paper",
+             max_new_tokens: int = 10, policy: str = "total_length", progress=None) -> list[dict]:
+  """Passkey accuracy per length.
+
+  Args:
+    scaling_for_length: callable length -> RopeScaling (or None for the checkpoint's own).
+    samples: prompts per length; each length reseeds its generator with (seed, length), so results do not
+      depend on which other lengths run.
+    progress: optional callable(done, total) for progress display.
+  Returns:
+    [{"length", "accuracy", "correct", "samples", "keys", "answers"}] in the order of `lengths`.
+  """
+  rows = []
+  total, done = len(lengths) * samples, 0
+  for length in lengths:
+    rng = np.random.default_rng([seed, length])
+    scaling: rope_lib.RopeScaling | None = scaling_for_length(length)
+    correct, keys, answers = 0, [], []
+    for _ in range(samples):
+      sample = build_sample(tokenizer, length, rng, fmt)
+      out = decode.greedy_generate(config, params, sample.tokens[None], max_new_tokens, scaling=scaling,
+                                   policy=policy)
+      answer = tokenizer.decode([int(x) for x in out[0]])
+      ok = score(answer, sample.key)
+      correct += ok
+      keys.append(sample.key)
+      answers.append(answer)
+      done += 1
+      if progress is not None:
+        progress(done, total)
+    rows.append({"length": length, "accuracy": correct / samples, "correct": correct, "samples": samples,
+                 "keys": keys, "answers": answers})
+  return rows

@@ -1,0 +1,67 @@
+"""Passkey prompt construction and scoring."""
+
+import numpy as np
+import pytest
+
+from lrjax import passkey
+
+
+class Bytes:
+  bos_id = None
+
+  def encode(self, text):
+    return list(text.encode())
+
+  def decode(self, ids):
+    return bytes(int(i) for i in ids).decode(errors="replace")
+
+
+@pytest.mark.parametrize("fmt", ["paper", "python"])
+@pytest.mark.parametrize("length", [256, 2048])
+def test_prompt_has_needle_at_target_length(fmt, length):
+  rng = np.random.default_rng(0)
+  s = passkey.build_sample(Bytes(), length, rng, fmt)
+  text = Bytes().decode(s.tokens)
+  f = passkey.FORMATS[fmt]
+  assert f["needle"].format(key=s.key) in text
+  assert text.startswith(f["intro"]) and text.endswith(f["question"])
+  assert abs(len(s.tokens) - length) <= len(f["filler"])
+  assert 1 <= s.key <= 50000
+
+
+def test_needle_depth_is_uniform_and_reproducible():
+  depths = [passkey.build_sample(Bytes(), 1024, np.random.default_rng(i)).depth for i in range(200)]
+  assert 0.4 < np.mean(depths) < 0.6 and min(depths) < 0.1 and max(depths) > 0.9
+  a = passkey.build_sample(Bytes(), 1024, np.random.default_rng(7))
+  b = passkey.build_sample(Bytes(), 1024, np.random.default_rng(7))
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_score_takes_first_integer():
+  assert passkey.score(" 4821. Remember", 4821)
+  assert not passkey.score(" 482 1", 4821)
+  assert not passkey.score(" the key", 4821)
+  assert passkey.score(" 012", 12)
+
+
+def test_accuracy_counts_correct_answers(monkeypatch):
+  """With a decoder that answers the true key for every other prompt, accuracy is 1/2 at every length."""
+  calls = []
+
+  def fake_generate(config, params, prompt, n, **kw):
+    calls.append(kw)
+    text = Bytes().decode(prompt[0])
+    key = int(text.split("The pass key is ")[1].split(".")[0])
+    answer = f" {key}." if len(calls) % 2 else " 0."
+    return np.asarray([Bytes().encode(answer)])
+
+  monkeypatch.setattr(passkey.decode, "greedy_generate", fake_generate)
+  rows = passkey.accuracy(None, None, Bytes(), lengths=[300, 600], scaling_for_length=lambda n: None,
+                          samples=4)
+  assert [r["accuracy"] for r in rows] == [0.5, 0.5]
+  assert len(calls) == 8
+
+
+def test_unknown_format():
+  with pytest.raises(ValueError, match="unknown passkey format"):
+    passkey.build_sample(Bytes(), 100, np.random.default_rng(0), "haiku")
