@@ -286,15 +286,20 @@ def _assemble(c: model_lib.ModelConfig, names: Mapping[str, tuple], get: Callabl
 # Atomic directories.
 
 
-@contextlib.contextmanager
-def _staged_directory(dest: str | os.PathLike, overwrite: bool) -> Iterator[str]:
-  """Yields a fresh temp directory next to `dest`; on success it replaces `dest`, on failure it is removed."""
+def _check_dest(dest: str | os.PathLike, overwrite: bool) -> str:
   dest = os.path.abspath(os.fspath(dest))
   if os.path.exists(dest):
     if not os.path.isdir(dest):
       raise WeightsError(f"{dest} exists and is not a directory")
     if os.listdir(dest) and not overwrite:
       raise WeightsError(f"{dest} exists and is not empty (pass overwrite=True to replace it)")
+  return dest
+
+
+@contextlib.contextmanager
+def _staged_directory(dest: str | os.PathLike, overwrite: bool) -> Iterator[str]:
+  """Yields a fresh temp directory next to `dest`; on success it replaces `dest`, on failure it is removed."""
+  dest = _check_dest(dest, overwrite)
   parent, name = os.path.split(dest)
   os.makedirs(parent, exist_ok=True)
   tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -860,3 +865,70 @@ def load(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[model_li
   """Loads any supported checkpoint directory (see checkpoint_format)."""
   kind = checkpoint_format(path)
   return {"native": load_native, "hf": load_hf, "meta": load_meta}[kind](path, dtype=dtype)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json", "generation_config.json")
+FORMATS = ("hf", "meta", "native")
+
+
+def convert(source: str | os.PathLike, dest: str | os.PathLike, *, format: str = "hf", dtype: str | None = None,
+            max_shard_bytes: int | None = None, scaling: rope_lib.RopeScaling | None = None,
+            target_length: int | None = None, overwrite: bool = False,
+            allow_dropping_n_hat: bool = False) -> str:
+  """Converts a checkpoint directory (any format `load` reads) into `format`; returns a one-line summary.
+
+  Args:
+    dtype: storage dtype of the output (None: the source's).
+    max_shard_bytes: hf only; shard the safetensors above this size.
+    scaling: a RoPE setting to write into the exported config (e.g. from a factor file). A longrope setting
+      without original_max_position_embeddings takes the source's pre-training window (its own scaling's
+      original length, else its max_position_embeddings).
+    target_length: the exported max_position_embeddings (with `scaling` only; default: keep the source's).
+      A longrope setting without an explicit factor takes s = target_length / original from it.
+  Tokenizer files next to an HF or Meta source are copied along (hf: all of them; meta: tokenizer.model).
+  """
+  if format not in FORMATS:
+    raise WeightsError(f"unknown destination format {format!r}; expected one of {', '.join(FORMATS)}")
+  if max_shard_bytes is not None and format != "hf":
+    raise WeightsError("max_shard_bytes applies to format=hf only")
+  if allow_dropping_n_hat and format != "hf":
+    raise WeightsError("allow_dropping_n_hat applies to format=hf only")
+  if target_length is not None and scaling is None:
+    raise WeightsError("target_length applies only together with a scaling (factor file)")
+  source, dest = os.fspath(source), os.fspath(dest)
+  if os.path.abspath(source) == os.path.abspath(dest):
+    raise WeightsError(f"{dest}: destination is the source")
+  src_format = checkpoint_format(source)
+  _check_dest(dest, overwrite)  # before the (long) load
+  cfg, params = load(source, dtype=dtype)
+  if scaling is not None:
+    if scaling.method in ("longrope", "yarn", "llama3") and not scaling.original_max_position_embeddings:
+      original = cfg.rope_scaling.original_max_position_embeddings or cfg.max_position_embeddings
+      scaling = scaling.replace(original_max_position_embeddings=original)
+    if scaling.method == "longrope" and scaling.factor is None and target_length is None:
+      raise WeightsError("the longrope factors carry neither a factor nor a target length; give the target "
+                         "length (the exported max_position_embeddings) so the attention temperature is defined")
+    _validate_scaling(scaling, cfg, "factors")
+    cfg = cfg.replace(rope_scaling=scaling, max_position_embeddings=int(target_length or
+                                                                        cfg.max_position_embeddings))
+  out_dtype = dtype or cfg.param_dtype
+  copy = {"hf": _TOKENIZER_FILES, "meta": ("tokenizer.model",), "native": ()}[format]
+  extra = {n: os.path.join(source, n) for n in copy if os.path.isfile(os.path.join(source, n))}
+  if format == "hf":
+    weights_files = len(_plan_shards(cfg, _dtype(out_dtype), max_shard_bytes))
+    save_hf(dest, cfg, params, dtype=out_dtype, max_shard_bytes=max_shard_bytes, overwrite=overwrite,
+            allow_dropping_n_hat=allow_dropping_n_hat, extra_files=extra)
+  elif format == "meta":
+    weights_files = 1
+    save_meta(dest, cfg, params, dtype=out_dtype, overwrite=overwrite, extra_files=extra)
+  else:
+    weights_files = 1
+    save_native(dest, cfg, params, overwrite=overwrite)
+  s = cfg.rope_scaling
+  rope_desc = s.method + (f" s={rope_lib.longrope_scale(s, cfg.max_position_embeddings):g}"
+                          if s.method == "longrope" else f" s={s.factor:g}" if s.method != "default" else "")
+  return (f"{source} ({src_format}) -> {dest} ({format}, {out_dtype}, {weights_files} weight file(s)): "
+          f"{cfg.num_layers} layers, {cfg.num_params() / 1e6:.2f}M params, max_position_embeddings "
+          f"{cfg.max_position_embeddings}, rope {rope_desc}"
+          + (f", {len(extra)} tokenizer file(s) copied" if extra else ""))

@@ -387,3 +387,57 @@ def test_native_round_trip(tmp_path, loaded):
   (tmp_path / "native" / "lrjax_config.json").write_text(json.dumps({**doc, "config": {**doc["config"],
                                                                                       "n_layers": 3}}))
   _expect(tmp_path / "native", r"lrjax_config.json: unknown config keys n_layers")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Conversion (library and script).
+
+
+def test_convert_chain_preserves_logits(tmp_path, hf_dir):
+  """HF -> Meta -> native -> HF gives the source model's logits back in transformers."""
+  tokens = _tokens(12)
+  line = weights.convert(hf_dir[0], tmp_path / "meta", format="meta", dtype="float32")
+  assert "-> " in line and "(meta, float32" in line and "\n" not in line
+  weights.convert(tmp_path / "meta", tmp_path / "native", format="native")
+  weights.convert(tmp_path / "native", tmp_path / "hf", format="hf", max_shard_bytes=30_000)
+  m2 = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+  np.testing.assert_allclose(_hf_logits(m2, tokens), _hf_logits(hf_dir[1], tokens), atol=1e-5)
+  for kwargs, match in [(dict(format="gguf"), r"unknown destination format 'gguf'"),
+                        (dict(format="meta", max_shard_bytes=10), r"max_shard_bytes applies to format=hf only"),
+                        (dict(target_length=128), r"target_length applies only together with a scaling")]:
+    with pytest.raises(weights.WeightsError, match=match):
+      weights.convert(hf_dir[0], tmp_path / "x", **kwargs)
+
+
+def test_convert_script_writes_factor_file_scaling(tmp_path, hf_dir):
+  """The experiment end to end: official CSV factors + target length -> an HF config transformers follows."""
+  import subprocess
+  import sys
+  from lrjax import factors
+  long = np.array([1.0, 1.5, 1.5, 3.0, 4.0, 6.0, 7.0, 8.0])
+  factors.save_csv(tmp_path / "result_final.csv", long)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, os.path.join(root, "experiments", "convert.py"),
+         f"--config={os.path.join(root, 'configs', 'convert.py')}", f"--config.source={hf_dir[0]}",
+         f"--config.dest={tmp_path / 'out'}", f"--config.factors={tmp_path / 'result_final.csv'}",
+         "--config.target_length=512", "--config.original_length=32"]
+  done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.count("\n") == 1 and "rope longrope s=16" in done.stdout
+  config = json.loads((tmp_path / "out" / "config.json").read_text())
+  assert config["max_position_embeddings"] == 512 and config["original_max_position_embeddings"] == 32
+  cfg, params = weights.load(tmp_path / "out")
+  m2 = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+  tokens = _tokens(40)  # beyond 32: long factors, attention factor sqrt(1 + ln 16 / ln 32)
+  np.testing.assert_allclose(_ours(cfg, params, tokens), _hf_logits(m2, tokens), atol=1e-4)
+  scaling = rope.RopeScaling(method="longrope", factor=16.0, original_max_position_embeddings=32, long_factor=long)
+  np.testing.assert_allclose(_ours(cfg, params, tokens), _ours(cfg, params, tokens, scaling), atol=1e-6)
+  before = {f: (tmp_path / "out" / f).read_bytes() for f in os.listdir(tmp_path / "out")}
+  done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 1 and done.stdout == ""
+  assert done.stderr.strip().splitlines() == [
+      f"error: {tmp_path / 'out'} exists and is not empty (pass overwrite=True to replace it)"]
+  assert {f: (tmp_path / "out" / f).read_bytes() for f in os.listdir(tmp_path / "out")} == before
+  with pytest.raises(weights.WeightsError, match=r"the longrope factors carry neither a factor nor a target "
+                                                 r"length"):
+    weights.convert(hf_dir[0], tmp_path / "out2", scaling=factors.load(tmp_path / "result_final.csv"))
