@@ -227,8 +227,10 @@ def read(path: str | os.PathLike, *, n_layers: int | None = None, rotary_dim: in
     unknown = sorted(set(doc) - {"format", "version", "target_length", "scaling", "provenance"})
     if unknown:
       raise FactorFileError(f"{path}: unknown keys {', '.join(unknown)}")
-    _check_values(path, doc.get("scaling", {}))
-    scaling = scaling_from_dict(doc.get("scaling"), source=path)
+    if not isinstance(doc.get("scaling"), dict):
+      raise FactorFileError(f"{path}: 'scaling' must be a JSON object")
+    _check_values(path, doc["scaling"])
+    scaling = scaling_from_dict(doc["scaling"], source=path)
     target = doc.get("target_length")
     if target is not None and (not isinstance(target, int) or target <= 0):
       raise FactorFileError(f"{path}: target_length must be a positive integer, got {target!r}")

@@ -161,6 +161,9 @@ def test_bad_json(tmp_path):
       ({**good, "scaling": {"method": "longrope", "long_factor": [1.0] * 8, "short_factor": [0.0] * 8}},
        r"f.json: short_factor must be > 0"),
       ({**good, "target_length": -5}, r"f.json: target_length must be a positive integer"),
+      ({**good, "scaling": [1.0, 2.0]}, r"f.json: 'scaling' must be a JSON object"),
+      ({**good, "scaling": {"method": "longrope", "long_factor": [[1.0, 2.0], [1.0]]}},
+       r"f.json: long_factor is not a list of numbers \(or of equal-length rows\)"),
   ]
   for doc, match in cases:
     write(doc)

@@ -257,13 +257,16 @@ def test_sharded_index_problems(tmp_path):
   _expect(tmp_path / "s", rf"{shard.name}: missing weights file")
 
 
-def test_torch_bin_checkpoints(tmp_path, hf_dir):
+def test_torch_bin_checkpoints(tmp_path, hf_dir, monkeypatch):
   d = tmp_path / "bin"
   d.mkdir()
   shutil.copy(hf_dir[0] / "config.json", d)
   torch.save(hf_dir[1].state_dict(), d / "pytorch_model.bin")
   cfg, params = weights.load(d)
   _assert_params_equal(params, weights.load(hf_dir[0])[1])
+  with monkeypatch.context() as m:
+    m.setitem(__import__("sys").modules, "torch", None)  # as if torch were not installed
+    _expect(d, r"reading or writing torch checkpoints \(.bin/.pth\) needs torch")
 
   class Evil:
     def __reduce__(self):
