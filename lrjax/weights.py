@@ -17,6 +17,9 @@ Layout mapping (torch nn.Linear weights are [out, in]; ours are [in, ...out]):
 
 HF q/k rows are already in the half-split RoPE order lrjax uses. Meta checkpoints pair adjacent dims instead;
 load_meta/save_meta apply the per-head permutation between the two (GQA-aware: k uses the kv head count).
+
+`load` dispatches on what a directory holds; `convert` (experiments/convert.py) goes from any format to any, and
+can write a factor file's RoPE scaling into the exported config.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import re
 import shutil
 import uuid
 import warnings
-from typing import Callable, Iterable, Iterator, Mapping, NamedTuple
+from typing import Callable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
@@ -311,7 +314,11 @@ def _staged_directory(dest: str | os.PathLike, overwrite: bool) -> Iterator[str]
     if os.path.exists(dest):
       backup = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
       os.rename(dest, backup)
-      os.rename(tmp, dest)
+      try:
+        os.rename(tmp, dest)
+      except BaseException:
+        os.rename(backup, dest)  # put the old checkpoint back
+        raise
       shutil.rmtree(backup, ignore_errors=True)
     else:
       os.rename(tmp, dest)
