@@ -916,6 +916,9 @@ def convert(source: str | os.PathLike, dest: str | os.PathLike, *, format: str =
     if scaling.method == "longrope" and scaling.factor is None and target_length is None:
       raise WeightsError("the longrope factors carry neither a factor nor a target length; give the target "
                          "length (the exported max_position_embeddings) so the attention temperature is defined")
+    if scaling.method == "dynamic" and target_length not in (None, cfg.max_position_embeddings):
+      raise WeightsError("dynamic NTK reads max_position_embeddings as the original length; a target_length "
+                         "would change its frequencies (leave it unset)")
     _validate_scaling(scaling, cfg, "factors")
     cfg = cfg.replace(rope_scaling=scaling, max_position_embeddings=int(target_length or
                                                                         cfg.max_position_embeddings))

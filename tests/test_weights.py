@@ -407,7 +407,9 @@ def test_convert_chain_preserves_logits(tmp_path, hf_dir):
   np.testing.assert_allclose(_hf_logits(m2, tokens), _hf_logits(hf_dir[1], tokens), atol=1e-5)
   for kwargs, match in [(dict(format="gguf"), r"unknown destination format 'gguf'"),
                         (dict(format="meta", max_shard_bytes=10), r"max_shard_bytes applies to format=hf only"),
-                        (dict(target_length=128), r"target_length applies only together with a scaling")]:
+                        (dict(target_length=128), r"target_length applies only together with a scaling"),
+                        (dict(target_length=128, scaling=rope.RopeScaling(method="dynamic", factor=2.0)),
+                         r"dynamic NTK reads max_position_embeddings as the original length")]:
     with pytest.raises(weights.WeightsError, match=match):
       weights.convert(hf_dir[0], tmp_path / "x", **kwargs)
 
