@@ -256,7 +256,9 @@ def init_params(config: ModelConfig, key: jax.Array) -> dict:
   tokens = jnp.zeros((b, t), jnp.int32)
   positions = jnp.zeros((b, t), jnp.int32)
   rope = jax.tree.map(jnp.asarray, config.rope_arrays())
-  return jax.jit(lambda k: Llama(config).init(k, tokens, positions, rope)["params"])(key)
+  # Parameters do not depend on execution choices; a plain config lets init run outside any mesh (ring).
+  plain = config.replace(attention="reference", remat="none")
+  return jax.jit(lambda k: Llama(plain).init(k, tokens, positions, rope)["params"])(key)
 
 
 def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array,
