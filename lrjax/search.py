@@ -515,12 +515,13 @@ def truncate_windows(documents: Sequence[np.ndarray], length: int) -> np.ndarray
 
 
 def needle_windows(documents: Sequence[np.ndarray], length: int, encode: Callable[[str], Sequence[int]], *,
-                   seed: int = 0, key: str = NEEDLE_KEY) -> tuple[np.ndarray, np.ndarray]:
-  """LongRoPE2 needle-driven windows: needle at the start, document filler, question, answer at the end.
+                   bos_id: int | None = None, seed: int = 0, key: str = NEEDLE_KEY
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """LongRoPE2 needle-driven windows: [BOS] needle, document filler, question, answer; exactly `length` tokens.
 
-  Each document gets its own 7-digit number (drawn from `seed`). Returns (tokens i32[N, length],
-  answer_mask f32[N, length]) where answer_mask is 1 at the answer tokens only. The window starts with the
-  document's first token (a BOS, if the tokenizer added one) so the protocol matches `truncate_windows`.
+  Each document gets its own 7-digit number (drawn from `seed`). A leading BOS on the documents (as
+  lrjax.data adds when the tokenizer has one) is kept first. Returns (tokens i32[N, length],
+  answer_mask f32[N, length]), the mask 1 at the answer tokens only (the tokens whose NLL is the fitness).
   """
   if not documents:
     raise SearchError("no documents to build needle windows from")
@@ -528,17 +529,22 @@ def needle_windows(documents: Sequence[np.ndarray], length: int, encode: Callabl
   tokens, masks = [], []
   for i, doc in enumerate(documents):
     doc = np.asarray(doc, np.int64)
+    head = []
+    if bos_id is not None:
+      head = [bos_id]
+      doc = doc[1:] if doc.shape[0] and doc[0] == bos_id else doc
     number = int(rng.integers(1_000_000, 10_000_000))
     intro = list(encode(NEEDLE_INTRO.format(key=key, number=number)))
     question = list(encode(NEEDLE_QUESTION.format(key=key)))
     answer = list(encode(NEEDLE_ANSWER.format(number=number)))
-    filler = length - 1 - len(intro) - len(question) - len(answer)
+    filler = length - len(head) - len(intro) - len(question) - len(answer)
     if filler < 1:
       raise SearchError(f"target length {length} is too short for the needle prompt "
                         f"({length - filler} tokens)")
-    if doc.shape[0] < 1 + filler:
-      raise SearchError(f"document {i} has {doc.shape[0]} tokens, shorter than the target length {length}")
-    row = np.concatenate([doc[:1], intro, doc[1:1 + filler], question, answer]).astype(np.int32)
+    if doc.shape[0] < filler:
+      raise SearchError(f"document {i} has {doc.shape[0] + len(head)} tokens, shorter than the target length "
+                        f"{length}")
+    row = np.concatenate([head, intro, doc[:filler], question, answer]).astype(np.int32)
     mask = np.zeros(length, np.float32)
     mask[length - len(answer):] = 1
     tokens.append(row)
@@ -635,7 +641,7 @@ class PerplexityFitness:
                           f"on mesh axis {axis!r}")
       self._rope_sharding = NamedSharding(mesh, PartitionSpec(axis))
       replicated = NamedSharding(mesh, PartitionSpec())
-    put = (lambda x: jax.device_put(x, replicated)) if replicated is not None else jnp.asarray
+    put = lambda x: jax.device_put(x, replicated)
     self._params = jax.tree.map(put, params)
     b = self.doc_batch
     self._batches = [(put(windows[i:i + b]), None if weights is None else put(weights[i:i + b]))
@@ -648,12 +654,11 @@ class PerplexityFitness:
     return self._counter.count - self._compiles_before
 
   def _stack(self, ropes: Sequence[rope_lib.RopeArrays]):
+    # jax.device_put, not jnp.asarray: the latter compiles a tiny staging program per shape.
     if self.candidates == 1:
-      return jax.tree.map(jnp.asarray, ropes[0])
+      return jax.tree.map(jax.device_put, ropes[0])
     stacked = rope_lib.stack_rope_arrays(ropes)
-    if self._rope_sharding is not None:
-      return jax.tree.map(lambda x: jax.device_put(x, self._rope_sharding), stacked)
-    return jax.tree.map(jnp.asarray, stacked)
+    return jax.tree.map(lambda x: jax.device_put(x, self._rope_sharding), stacked)
 
   def window_mean_nll(self, ropes: Sequence[rope_lib.RopeArrays]) -> np.ndarray:
     """Per-window mean NLL (nats/token), f64[len(ropes), N]."""
@@ -925,8 +930,7 @@ class SearchResult:
 
 def run(config, model_config, params, documents: Sequence[np.ndarray], workdir: str, *,
         base_factors: np.ndarray | None = None, target_length: int | None = None, stage: str | None = None,
-        encode: Callable[[str], Sequence[int]] | None = None, mesh=None,
-        window_nll: Callable | None = None) -> SearchResult:
+        tokenizer=None, mesh=None, window_nll: Callable | None = None) -> SearchResult:
   """One evolutionary search; writes factors, HF snippet, log, plots and state into `workdir`.
 
   Args:
@@ -936,7 +940,7 @@ def run(config, model_config, params, documents: Sequence[np.ndarray], workdir: 
     workdir: output directory; holds the resumable state.
     base_factors: fine-tuned factors for the second/short stage (f64 [d/2] or [layers, d/2]).
     target_length, stage: override config.search.target_length / config.stage (run_short uses these).
-    encode: text -> token ids; needed by the needle fitness.
+    tokenizer: lrjax.tokenizers tokenizer (encode, bos_id); needed by the needle fitness.
     mesh: optional jax Mesh with a "data" axis to shard candidates over.
   Returns:
     SearchResult.
@@ -948,9 +952,10 @@ def run(config, model_config, params, documents: Sequence[np.ndarray], workdir: 
   plan = make_plan(sc, model_config, target_length=target, stage=stage, base_factors=base_factors,
                    base_length=int(config.base_length))
   if config.data.fitness == "needle":
-    if encode is None:
-      raise SearchError("the needle fitness needs a tokenizer (encode)")
-    windows, weights = needle_windows(documents, target, encode, seed=int(config.data.needle_seed))
+    if tokenizer is None:
+      raise SearchError("the needle fitness needs a tokenizer")
+    windows, weights = needle_windows(documents, target, tokenizer.encode, bos_id=tokenizer.bos_id,
+                                      seed=int(config.data.needle_seed))
   else:
     windows, weights = truncate_windows(documents, target), None
   fitness = PerplexityFitness(model_config, params, windows, weights,
@@ -1085,7 +1090,7 @@ def plot_fitness(path: str, log: Sequence[Mapping]) -> None:
 
 
 def run_short(config, model_config, params, documents: Sequence[np.ndarray], workdir: str, *,
-              base_factors: np.ndarray, encode=None, mesh=None, window_nll=None) -> dict:
+              base_factors: np.ndarray, tokenizer=None, mesh=None, window_nll=None) -> dict:
   """Short-context recovery: one search per config.short_lengths on the extended model, then buckets.
 
   Each length's search goes to workdir/short_<length>/. The combined setting (workdir/factors.json,
@@ -1097,8 +1102,8 @@ def run_short(config, model_config, params, documents: Sequence[np.ndarray], wor
   results = {}
   for length in sorted(int(n) for n in config.short_lengths):
     results[length] = run(config, model_config, params, documents, os.path.join(workdir, f"short_{length}"),
-                          base_factors=base_factors, target_length=length, stage="short", encode=encode,
-                          mesh=mesh, window_nll=window_nll)
+                          base_factors=base_factors, target_length=length, stage="short",
+                          tokenizer=tokenizer, mesh=mesh, window_nll=window_nll)
   first = results[min(results)]
   original = first.plan.original_length
   at_window = [n for n in results if n <= original]
@@ -1163,11 +1168,13 @@ def main(config, workdir: str) -> dict | SearchResult:
     except (ValueError, OSError) as e:
       raise SearchError(f"base_factors {config.base_factors}: {e}") from None
     base = np.asarray(loaded.long_factor, np.float64)
+    if base.ndim == 2 and np.all(base == base[:1]):  # the paper's tables: identical rows per layer
+      base = base[0]
   mesh = None
   if config.search.shard_candidates:
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
-  encode = getattr(tokenizer, "encode", None)
   if config.stage == "short":
-    return run_short(config, model_config, params, documents, workdir, base_factors=base, encode=encode,
+    return run_short(config, model_config, params, documents, workdir, base_factors=base, tokenizer=tokenizer,
                      mesh=mesh)
-  return run(config, model_config, params, documents, workdir, base_factors=base, encode=encode, mesh=mesh)
+  return run(config, model_config, params, documents, workdir, base_factors=base, tokenizer=tokenizer,
+             mesh=mesh)

@@ -247,18 +247,27 @@ def test_parallel_fitness_equals_one_by_one_and_reference(tiny):
 
 def test_needle_windows_and_fitness(tiny):
   mc, params, docs = tiny
-  encode = lambda text: list(text.encode("utf-8"))
+  encode = lambda text: np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
   long_docs = [np.concatenate([d, d]) for d in docs]
   windows, mask = search.needle_windows(long_docs, 384, encode, seed=5)
   assert windows.shape == (3, 384) and mask.shape == (3, 384)
+  numbers = set()
   for row, m, doc in zip(windows, mask, long_docs):
-    text = bytes(row[1:].astype(np.uint8).tolist()).decode("latin-1")
-    assert row[0] == doc[0]
-    assert text.startswith("A special magic number is hidden")
-    number = text.split("numerous-kite is: ")[1][:7]
+    text = bytes(row.astype(np.uint8).tolist()).decode("latin-1")
+    assert text.startswith("A special magic number is hidden within the following text.")
+    number = text.split("One of the special magic numbers for numerous-kite is: ")[1][:7]
+    numbers.add(number)
     answer = bytes(row[m == 1].astype(np.uint8).tolist()).decode()
-    assert answer == f" {number}." and text.endswith("mentioned in the provided text is" + answer)
+    assert answer == f" {number}."
+    assert text.endswith("What is the special magic number for numerous-kite mentioned in the provided text? "
+                         "The special magic number for numerous-kite mentioned in the provided text is" + answer)
     assert np.flatnonzero(m).min() == 384 - len(answer)
+    assert bytes(doc[:20].astype(np.uint8).tolist()).decode("latin-1") in text
+  assert len(numbers) == 3
+  # With a BOS id the window keeps it first and drops the document's own.
+  bos_docs = [np.concatenate([[7], d]) for d in long_docs]
+  with_bos, _ = search.needle_windows(bos_docs, 384, encode, bos_id=7, seed=5)
+  assert np.all(with_bos[:, 0] == 7) and np.array_equal(with_bos[:, 1:20], windows[:, :19])
   plan = search.make_plan(tiny_config().search, mc, target_length=384)
   rope_arrays = plan.rope_arrays(plan.seeds["ntk"])
   got = search.PerplexityFitness(mc, params, windows, mask, candidates_per_call=2)([rope_arrays])
@@ -469,20 +478,71 @@ def test_bad_inputs_raise_clear_errors(tiny, tmp_path):
     search.validate_config(c)
 
 
-def test_experiment_prints_one_line_for_bad_input(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tiny):
+  from lrjax import weights
+  mc, params, _ = tiny
+  path = tmp_path_factory.mktemp("ckpt") / "tiny_hf"
+  weights.save_hf(path, mc, jax.tree.map(np.asarray, params))
+  return path
+
+
+def _experiment(args, tmp_path):
+  return subprocess.run([sys.executable, "experiments/search.py", *args], cwd=ROOT,
+                        env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
+
+
+def test_experiment_prints_one_line_for_bad_input(tmp_path, tiny_checkpoint):
   bad = tmp_path / "bad.csv"
-  bad.write_text("1.0\n1.5\n2.0\n")   # 3 factors for a 32-frequency model
-  cases = [
-      (["--config.search.population=8", "--config.search.parents=16"], "population 8 is smaller than the 16"),
-      (["--config=configs/search.py:tiny_second", f"--config.base_factors={bad}", "--config.model=/nonexistent"],
-       "does not exist"),
+  bad.write_text("1.0\n1.5\n2.0\n")   # 3 factors for an 8-frequency model
+  cli_cases = [
+      (["--config=configs/search.py:tiny", "--config.search.population=8", "--config.search.parents=16"],
+       "population 8 is smaller than the 16 parents"),
+      (["--config=configs/search.py:tiny_second", f"--config.base_factors={bad}", f"--config.model={tiny_checkpoint}",
+        "--config.base_length=64", "--config.search.target_length=128", "--config.data.num_documents=2",
+        "--config.search.original_length=32"],
+       "bad.csv: long_factor has 3 factors but rotary_dim/2 = 8"),
   ]
-  for args, message in cases:
-    if not args[0].startswith("--config="):
-      args = ["--config=configs/search.py:tiny"] + args
-    out = subprocess.run([sys.executable, "experiments/search.py", *args, f"--workdir={tmp_path / 'wd'}"],
-                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 1
+  for args, message in cli_cases:
+    out = _experiment([*args, f"--workdir={tmp_path / 'wd'}"], tmp_path)
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], out.stderr[-1000:]
+    assert out.returncode == 1 and len(lines) == 1 and message in lines[0], out.stderr[-1500:]
+  # The same entry point in-process (experiments/search.py prints exactly str(error)).
+  def config(**search_kw):
+    c = search_configs.get_config("tiny")
+    c.model, c.data.num_documents, c.search.original_length = str(tiny_checkpoint), 2, 32
+    c.search.update(search_kw)
+    return c
+  library_cases = [
+      (dict(c=config(target_length=128), model="/nonexistent"), "/nonexistent does not exist"),
+      (dict(c=config(target_length=16)), "target length 16 is shorter than the model's original window 32"),
+      (dict(c=config(target_length=128), num_documents=99),
+       "builtin:valid has only 16 documents of at least 128 tokens; 99 requested"),
+  ]
+  for case, message in library_cases:
+    c = case["c"]
+    c.model = case.get("model", c.model)
+    c.data.num_documents = case.get("num_documents", c.data.num_documents)
+    with pytest.raises(ValueError, match=message) as info:
+      search.main(c, str(tmp_path / "wd"))
+    assert "\n" not in str(info.value)
+  assert not (tmp_path / "wd" / search.STATE_FILE).exists()
+
+
+def test_experiment_end_to_end(tmp_path, tiny_checkpoint):
+  """The CLI on a tiny checkpoint and builtin:valid: outputs written, resume of a finished search is a no-op."""
+  args = ["--config=configs/search.py:tiny", f"--config.model={tiny_checkpoint}", "--config.progress=False",
+          "--config.data.num_documents=2", "--config.search.target_length=128", "--config.search.iterations=1",
+          "--config.search.population=6", "--config.search.parents=3", "--config.search.mutations=2",
+          "--config.search.crossovers=2", "--config.search.candidates_per_call=2", "--config.search.doc_batch=2",
+          f"--workdir={tmp_path}"]
+  out = _experiment(args, tmp_path)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "1 compilation(s)" in out.stdout and "10 evaluations" in out.stdout
+  for name in ("factors.json", "factors.csv", "rope_scaling_hf.json", "generations.csv", "summary.json",
+               "factors.png", "fitness.png", search.STATE_FILE):
+    assert (tmp_path / name).exists(), name
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["num_documents"] == 2 and summary["target_length"] == 128 and summary["compilations"] == 1
+  out = _experiment(args + ["--config.resume=True"], tmp_path)
+  assert out.returncode == 0 and "0 compilation(s)" in out.stdout, out.stderr[-2000:]

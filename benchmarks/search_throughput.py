@@ -1,0 +1,132 @@
+"""Evolutionary-search fitness throughput: population-parallel (vmap over C candidates) vs one-by-one.
+
+Both sides compute the same perplexities (checked before timing) of K candidate factor sets at 8x the built-in
+model's window (2048 tokens) on the same windows:
+  parallel:   lrjax.search.PerplexityFitness(candidates_per_call=C): one compiled program, jax.vmap over a
+              stacked RopeArrays of C candidates (last chunk padded)
+  one-by-one: candidates_per_call=1: the same window_nll jitted without vmap, one call per candidate
+Runs alternate (parallel, one-by-one, ...) so load from other processes hits both alike; the first call of
+each is warm-up (compilation) and excluded; the figure is the median of the timed runs. Then a whole small
+search (lrjax.search.evolve) counts its compilations (traces of the fitness program and XLA backend compiles).
+
+  python benchmarks/search_throughput.py                 # built-in model if present, else random same shape
+  python benchmarks/search_throughput.py --candidates=8 --population=16 --runs=5
+  python benchmarks/search_throughput.py --quick         # smaller, for a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+
+def _parse():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--candidates", type=int, default=4, help="C, candidates per compiled call")
+  p.add_argument("--population", type=int, default=8, help="K candidates evaluated per timed run")
+  p.add_argument("--documents", type=int, default=2, help="windows per candidate (one batch)")
+  p.add_argument("--length", type=int, default=2048, help="window length (8x the built-in 256)")
+  p.add_argument("--runs", type=int, default=3, help="timed runs of each side (after one warm-up)")
+  p.add_argument("--attention", default=None, help="override the attention implementation")
+  p.add_argument("--generations", type=int, default=3, help="iterations of the compile-count search")
+  p.add_argument("--quick", action="store_true", help="length 512, 4 candidates, 1 run")
+  return p.parse_args()
+
+
+ARGS = _parse()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lrjax import model as model_lib  # noqa: E402
+from lrjax import search  # noqa: E402
+
+_BACKEND_COMPILES = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: _BACKEND_COMPILES.append(duration)
+    if event.endswith("backend_compile_duration") else None)
+
+
+def load_model():
+  if os.path.isdir(search.BUILTIN_MODEL):
+    from lrjax import weights
+    cfg, params = weights.load(search.BUILTIN_MODEL)
+    what = f"built-in model ({search.BUILTIN_MODEL})"
+  else:
+    # The built-in model's shape (configs/pretrain.py): byte vocab, d 256, 4 layers, 4/2 heads, head_dim 64.
+    cfg = model_lib.ModelConfig(vocab_size=256, hidden_size=256, intermediate_size=768, num_layers=4,
+                                num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=256)
+    params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+    what = "random model of the built-in model's shape (lrjax/assets/model not present)"
+  if ARGS.attention:
+    cfg = cfg.replace(attention=ARGS.attention)
+  return cfg, params, what
+
+
+def main():
+  if ARGS.quick:
+    ARGS.length, ARGS.candidates, ARGS.population, ARGS.runs, ARGS.generations = 512, 4, 4, 1, 2
+  cfg, params, what = load_model()
+  rng = np.random.default_rng(0)
+  windows = rng.integers(0, cfg.vocab_size, (ARGS.documents, ARGS.length)).astype(np.int32)
+  from configs import search as search_configs
+  c = search_configs.get_config("tiny")
+  c.search.target_length = ARGS.length
+  plan = search.make_plan(c.search, cfg, target_length=ARGS.length)
+  genomes = list(plan.seeds.values())
+  while len(genomes) < ARGS.population:
+    genomes.append(search.mutate(plan.space, genomes[len(genomes) % 3], 0.3, rng))
+  ropes = [plan.rope_arrays(g) for g in genomes[:ARGS.population]]
+  print(f"model: {what}; attention={cfg.attention}; {jax.device_count()} {jax.devices()[0].platform} device(s)")
+  print(f"fitness: {ARGS.population} candidates x {ARGS.documents} windows of {ARGS.length} tokens "
+        f"(random tokens; content does not change the cost), C={ARGS.candidates}")
+
+  parallel = search.PerplexityFitness(cfg, params, windows, candidates_per_call=ARGS.candidates,
+                                      doc_batch=ARGS.documents)
+  single = search.PerplexityFitness(cfg, params, windows, candidates_per_call=1, doc_batch=ARGS.documents)
+  times = {"parallel": [], "one-by-one": []}
+  results = {}
+  for run in range(ARGS.runs + 1):
+    for name, fn in (("parallel", parallel), ("one-by-one", single)):
+      start = time.perf_counter()
+      results[name] = fn(ropes)
+      elapsed = time.perf_counter() - start
+      if run:
+        times[name].append(elapsed)
+      else:
+        print(f"  warm-up {name}: {elapsed:.1f}s (includes compilation)")
+    if run == 0:
+      diff = np.max(np.abs(results["parallel"] / results["one-by-one"] - 1))
+      print(f"  max relative difference parallel vs one-by-one: {diff:.2e}")
+      assert diff < 1e-5, "population-parallel and one-by-one fitness disagree"
+  rate = {k: ARGS.population / statistics.median(v) for k, v in times.items()}
+  for k, v in times.items():
+    print(f"{k:>11}: {rate[k]:.3f} candidate evaluations/s (median {statistics.median(v):.2f}s for "
+          f"{ARGS.population}; runs {', '.join(f'{x:.2f}' for x in v)})")
+  print(f"ratio parallel / one-by-one: {rate['parallel'] / rate['one-by-one']:.2f}x (target >= 1.5x)")
+
+  # A whole small search on a fresh program (C=3, used by nothing above): count its compilations.
+  c.search.population, c.search.mutations, c.search.crossovers, c.search.parents = 8, 3, 3, 4
+  c.search.iterations = ARGS.generations
+  plan = search.make_plan(c.search, cfg, target_length=ARGS.length)
+  fitness = search.PerplexityFitness(cfg, params, windows, candidates_per_call=3, doc_batch=ARGS.documents)
+  per_generation = []
+
+  def fitness_fn(gs):
+    before = len(_BACKEND_COMPILES)
+    out = fitness([plan.rope_arrays(g) for g in gs])
+    per_generation.append(len(_BACKEND_COMPILES) - before)
+    return out
+
+  start = time.perf_counter()
+  result = search.evolve(plan.space, plan.evolution, plan.seeds, fitness_fn, rng=np.random.default_rng(0))
+  print(f"small search: {result.generations} generations, {result.evaluations} evaluations in "
+        f"{time.perf_counter() - start:.1f}s; fitness-program compilations: {fitness.compilations} "
+        f"(target 1 per shape); XLA backend compiles per generation: {per_generation}")
+
+
+if __name__ == "__main__":
+  main()
