@@ -125,6 +125,41 @@ def _block_logits(qi, kj, q_pos_i, k_pos_j, k_valid_j, causal, scale):
   return jnp.where(mask, s, -jnp.inf)
 
 
+def _head_major_blocks(q, k, v, q_pos, k_pos, bq, bk):
+  """Blocks laid out for plain batched matmuls (batch dims leading, contraction innermost).
+
+  The g query heads that share a key/value head become extra rows of one matrix, so each block step is
+  two [b*k]-batched GEMMs ([g*bq, h] x [h, bk] and [g*bq, bk] x [bk, h]) with no per-step transposes;
+  the one-off transposes here are O(t) while the steps are O(t^2).
+  Returns q [nq, b, k, g*bq, h], k^T [nk, b, k, h, bk], v [nk, b, k, bk, h], q_pos [nq, b', bq],
+  k_pos [nk, b', bk] (padding at _BIG_POS) and k_valid bool[nk, b', bk], with b' the positions' batch (b or 1).
+  """
+  b, t, n, h = q.shape
+  s, kv_heads = k.shape[1], k.shape[2]
+  g = n // kv_heads
+  nq, nk = -(-t // bq), -(-s // bk)
+  qh = _pad_to(q, bq, 1).reshape(b, nq, bq, kv_heads, g, h).transpose(1, 0, 3, 4, 2, 5)
+  kt = _pad_to(k, bk, 1).reshape(b, nk, bk, kv_heads, h).transpose(1, 0, 3, 4, 2)
+  vh = _pad_to(v, bk, 1).reshape(b, nk, bk, kv_heads, h).transpose(1, 0, 3, 2, 4)
+  # Positions may have batch 1 (shared by every row); they broadcast in the masks.
+  qp = _pad_to(q_pos, bq, 1).reshape(q_pos.shape[0], nq, bq).transpose(1, 0, 2)
+  kp = _pad_to(k_pos, bk, 1, _BIG_POS).reshape(k_pos.shape[0], nk, bk).transpose(1, 0, 2)
+  k_valid = jnp.broadcast_to((jnp.arange(nk * bk) < s).reshape(nk, 1, bk), (nk, k_pos.shape[0], bk))
+  return qh.reshape(nq, b, kv_heads, g * bq, h), kt, vh, qp, kp, k_valid
+
+
+def _block_class(q_pos_blk, k_pos_blk, k_valid_blk, causal):
+  """0: no (query, key) pair of the block pair is visible (skip); 1: some are (mask); 2: all are (no mask)."""
+  if causal:
+    visible = jnp.max(q_pos_blk) >= jnp.min(jnp.where(k_valid_blk, k_pos_blk, _BIG_POS))
+    full = jnp.min(q_pos_blk) >= jnp.max(jnp.where(k_valid_blk, k_pos_blk, _BIG_POS))
+  else:
+    visible, full = jnp.bool_(True), jnp.bool_(True)
+  visible = visible & jnp.any(k_valid_blk)
+  full = full & jnp.all(k_valid_blk)
+  return jnp.where(visible, jnp.where(full, 2, 1), 0)
+
+
 def flash_forward(q, k, v, q_pos, k_pos, *, causal: bool = True, block_q: int = 512, block_k: int = 512,
                   scale: float | None = None):
   """Blockwise attention forward.
@@ -134,44 +169,54 @@ def flash_forward(q, k, v, q_pos, k_pos, *, causal: bool = True, block_q: int = 
     (-inf for a query that sees no key; its output is 0).
   """
   b, t, n, h = q.shape
+  s, kv_heads = k.shape[1], k.shape[2]
+  _split_heads(q, kv_heads)  # validates the head ratio
+  g = n // kv_heads
   scale = h ** -0.5 if scale is None else scale
-  blk, bq, bk = _prepare(q, k, v, q_pos, k_pos, block_q, block_k)
-  kv_heads, groups = blk["q"].shape[3], blk["q"].shape[4]
+  bq, bk = _block_sizes(t, s, block_q, block_k)
+  qh, kt, vh, qp, kp, k_valid = _head_major_blocks(q, k, v, q_pos, k_pos, bq, bk)
+  nq = qh.shape[0]
+  # Scaling q once (O(t h)) instead of every logits block (O(t s)); the product is still formed in f32.
+  qh = qh * jnp.asarray(scale, q.dtype)
 
   def q_block(args):
-    qi, q_pos_i = args
+    qi, q_pos_i = args  # [b, k, g*bq, h], [b, bq]
+    q_pos_rows = jnp.tile(q_pos_i, (1, g))  # [b, g*bq], the position of each row of qi
 
     def kv_step(carry, kv):
       kj, vj, k_pos_j, k_valid_j = kv
 
-      def compute(carry):
+      def compute(carry, masked):
         o, m, l = carry
-        logits = _block_logits(qi, kj, q_pos_i, k_pos_j, k_valid_j, causal, scale)
+        logits = jnp.einsum("bkqh,bkhs->bkqs", qi, kj, preferred_element_type=jnp.float32)
+        if masked:
+          mask = k_valid_j[:, None, None, :]
+          if causal:
+            mask = mask & (q_pos_rows[:, None, :, None] >= k_pos_j[:, None, None, :])
+          logits = jnp.where(mask, logits, -jnp.inf)
         m_new = jnp.maximum(m, logits.max(-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         p = jnp.exp(logits - m_safe[..., None])
         alpha = jnp.exp(m - m_safe)
         l = alpha * l + p.sum(-1)
-        pv = jnp.einsum("bkgqs,bskh->bqkgh", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
-        o = o * jnp.moveaxis(alpha, -1, 1)[..., None] + pv
-        return o, m_new, l
+        pv = jnp.einsum("bkqs,bksh->bkqh", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+        return o * alpha[..., None] + pv, m_new, l
 
-      visible = _visible(q_pos_i, k_pos_j, k_valid_j, causal)
-      return lax.cond(visible, compute, lambda c: c, carry), None
+      # Fully visible blocks (most of a causal square) skip building and applying the mask.
+      branches = [lambda c: c, lambda c: compute(c, True), lambda c: compute(c, False)]
+      return lax.switch(_block_class(q_pos_i, k_pos_j, k_valid_j, causal), branches, carry), None
 
-    init = (jnp.zeros((b, bq, kv_heads, groups, h), jnp.float32),
-            jnp.full((b, kv_heads, groups, bq), -jnp.inf, jnp.float32),
-            jnp.zeros((b, kv_heads, groups, bq), jnp.float32))
-    (o, m, l), _ = lax.scan(kv_step, init, (blk["k"], blk["v"], blk["k_pos"], blk["k_valid"]))
+    init = (jnp.zeros(qi.shape, jnp.float32), jnp.full(qi.shape[:-1], -jnp.inf, jnp.float32),
+            jnp.zeros(qi.shape[:-1], jnp.float32))
+    (o, m, l), _ = lax.scan(kv_step, init, (kt, vh, kp, k_valid))
     l_safe = jnp.where(l > 0, l, 1.0)
-    out = o / jnp.moveaxis(l_safe, -1, 1)[..., None]
     lse = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
-    return out.astype(q.dtype), jnp.moveaxis(lse, -1, 1)  # [b,bq,k,g,h], [b,bq,k,g]
+    return (o / l_safe[..., None]).astype(q.dtype), lse
 
-  out, lse = lax.map(q_block, (blk["q"], blk["q_pos"]))
-  out = _from_blocks(out)[:, :t].reshape(b, t, n, h)
-  lse = _from_blocks(lse)[:, :t].reshape(b, t, n)
-  return out, lse
+  out, lse = lax.map(q_block, (qh, qp))  # [nq, b, k, g*bq, h], [nq, b, k, g*bq]
+  out = out.reshape(nq, b, kv_heads, g, bq, h).transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, n, h)
+  lse = lse.reshape(nq, b, kv_heads, g, bq).transpose(1, 0, 4, 2, 3).reshape(b, nq * bq, n)
+  return out[:, :t], lse[:, :t]
 
 
 def flash_backward(q, k, v, q_pos, k_pos, out, lse, dout, *, causal: bool = True, block_q: int = 512,

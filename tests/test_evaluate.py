@@ -1,0 +1,197 @@
+"""Perplexity against references written here: full-logits NLL, and HF-style truncate / sliding loops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from lrjax import evaluate, model as model_lib, rope as rope_lib, sharding as sharding_lib
+
+CFG = model_lib.ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                            num_kv_heads=2, head_dim=8, max_position_embeddings=16, block_q=8, block_k=8)
+DYNAMIC = rope_lib.RopeScaling("dynamic", factor=2.0)  # frequencies depend on the sequence length
+
+
+@pytest.fixture(scope="module")
+def params():
+  return model_lib.init_params(CFG, jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="module")
+def logits_fn():
+  return jax.jit(lambda p, tokens, rope: model_lib.logits(
+      CFG, p, tokens, jnp.arange(tokens.shape[1])[None], rope))
+
+
+def _docs(lengths, seed=0, bos=None):
+  rs = np.random.RandomState(seed)
+  docs = [rs.randint(1 if bos is not None else 0, CFG.vocab_size, n).astype(np.int32) for n in lengths]
+  if bos is not None:
+    docs = [np.concatenate([[bos], d]).astype(np.int32) for d in docs]
+  return docs
+
+
+def _nll_of(logits_fn, params, ids, scored, scaling):
+  """Summed NLL (float64) of predicting ids[j] for j in `scored`, one window, full logits."""
+  ids = np.asarray(ids, np.int32)
+  rope = jax.tree.map(jnp.asarray, CFG.rope_arrays(scaling, seq_len=len(ids)))
+  logp = jax.nn.log_softmax(np.asarray(logits_fn(params, ids[None], rope), np.float64)[0], -1)
+  return -sum(logp[j - 1, ids[j]] for j in scored), len(scored)
+
+
+def test_window_nll_equals_full_logits(params, logits_fn):
+  rs = np.random.RandomState(1)
+  tokens = rs.randint(0, CFG.vocab_size, (2, 24)).astype(np.int32)
+  weights = (rs.rand(2, 23) > 0.3).astype(np.float32)
+  rope = jax.tree.map(jnp.asarray, CFG.rope_arrays(DYNAMIC, seq_len=24))
+  logp = jax.nn.log_softmax(logits_fn(params, tokens, rope), -1)
+  ref = -(jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0] * weights).sum(-1)
+  for chunk in (None, 5):  # 5 does not divide 24: padded chunks
+    fn = jax.jit(lambda p, t, r, w: evaluate.window_nll(CFG, p, t, r, weights=w, chunk=chunk))
+    nll, count = fn(params, tokens, rope, weights)
+    np.testing.assert_allclose(nll, ref, rtol=2e-5)
+    np.testing.assert_allclose(count, weights.sum(-1))
+  nll, count = jax.jit(lambda p, t, r: evaluate.window_nll(CFG, p, t, r))(params, tokens, rope)
+  full = -jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0].sum(-1)
+  np.testing.assert_allclose(nll, full, rtol=2e-5)
+  np.testing.assert_allclose(count, [23, 23])
+
+
+def _reference(logits_fn, params, docs, length, bos, scaling, stride=None):
+  """HF/Press et al. loop: per window (sum NLL, count), one window at a time, no padding."""
+  out = []
+  for doc in docs:
+    body = list(doc[1:] if bos is not None else doc)
+    width = length - (bos is not None)
+    starts = [0] if stride is None else range(0, len(body), stride)
+    prev_end = 0
+    for begin in starts:
+      end = min(begin + width, len(body))
+      trg_len = end - prev_end
+      ids = ([bos] if bos is not None else []) + body[begin:end]
+      labels_from = len(ids) - trg_len  # labels[:-trg_len] = -100
+      scored = [j for j in range(max(1, labels_from), len(ids))]
+      out.append(_nll_of(logits_fn, params, ids, scored, scaling))
+      prev_end = end
+      if end == len(body):
+        break
+  return np.asarray(out, np.float64)
+
+
+@pytest.mark.parametrize("bos", [None, 49])
+def test_truncate_matches_reference(params, logits_fn, bos):
+  docs = _docs([30, 20, 41], seed=2, bos=bos)
+  res = evaluate.perplexity(CFG, params, docs, length=20, rope=DYNAMIC, protocol="truncate", batch_size=2,
+                            bos_id=bos)
+  ref = _reference(logits_fn, params, docs, 20, bos, DYNAMIC)
+  assert res.num_windows == 3 and res.num_documents == 3
+  np.testing.assert_allclose(res.window_count, ref[:, 1])
+  np.testing.assert_allclose(res.window_nll, ref[:, 0], rtol=3e-5)
+  np.testing.assert_allclose(res.ppl, np.exp(np.mean(ref[:, 0] / ref[:, 1])), rtol=3e-5)
+  np.testing.assert_allclose(res.token_ppl, np.exp(ref[:, 0].sum() / ref[:, 1].sum()), rtol=3e-5)
+  assert (res.window_count == 19).all()  # L - 1 targets, BOS or not
+
+
+@pytest.mark.parametrize("bos", [None, 49])
+def test_sliding_matches_reference(params, logits_fn, bos):
+  docs = _docs([45, 20, 33], seed=3, bos=bos)
+  res = evaluate.perplexity(CFG, params, docs, length=20, rope=DYNAMIC, protocol="sliding", stride=7,
+                            batch_size=3, bos_id=bos)
+  ref = _reference(logits_fn, params, docs, 20, bos, DYNAMIC, stride=7)
+  assert res.num_windows == len(ref)
+  np.testing.assert_allclose(res.window_count, ref[:, 1])
+  np.testing.assert_allclose(res.window_nll, ref[:, 0], rtol=3e-5)
+  np.testing.assert_allclose(res.ppl, np.exp(np.mean(ref[:, 0] / ref[:, 1])), rtol=3e-5)
+  np.testing.assert_allclose(res.token_ppl, np.exp(ref[:, 0].sum() / ref[:, 1].sum()), rtol=3e-5)
+  # every body token but an initial one without BOS is scored exactly once
+  assert res.count == sum(len(d) - 1 for d in docs)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 60), min_size=1, max_size=4), st.integers(2, 16), st.integers(1, 15),
+       st.booleans())
+def test_sliding_scores_every_token_once(lengths, length, stride, bos):
+  stride = min(stride, length - 1)
+  bos_id = 7 if bos else None
+  docs = [np.arange(n, dtype=np.int32) % 5 + 10 for n in lengths]  # ids never equal bos_id
+  if bos:
+    docs = [np.concatenate([[bos_id], d]).astype(np.int32) for d in docs]
+  windows = evaluate.plan_windows(lengths, length, protocol="sliding", stride=stride, bos=bos)
+  tokens, weights, sizes = evaluate.window_arrays(docs, windows, length, bos_id)
+  scored = [np.zeros(n, int) for n in lengths]
+  for win, w, n in zip(windows, weights, sizes):
+    off = int(bos)
+    assert n == win.end - win.start + off <= length
+    for j in np.nonzero(w)[0]:  # target j predicts window token j + 1 = body token start + j + 1 - off
+      scored[win.doc][win.start + j + 1 - off] += 1
+  for n, s in zip(lengths, scored):
+    expected = np.ones(n, int)
+    if not bos:
+      expected[0] = 0  # nothing predicts a document's first token
+    np.testing.assert_array_equal(s, expected)
+
+
+def test_new_factors_do_not_recompile(params):
+  events = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda name, *a, **k: events.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
+  docs = _docs([24, 24, 24], seed=4)
+  rs = np.random.RandomState(5)
+  scalings = [rope_lib.RopeScaling("longrope", long_factor=1 + rs.rand(CFG.rotary_dim // 2) * 3,
+                                   original_max_position_embeddings=16) for _ in range(3)]
+  results = []
+  for i, scaling in enumerate(scalings):
+    before = len(events)
+    results.append(evaluate.perplexity(CFG, params, docs, length=24, rope=scaling, batch_size=3).ppl)
+    if i:
+      assert len(events) == before, "a new factor set recompiled the evaluation"
+  assert len(set(results)) == 3  # the factors really changed the result
+  before = len(events)
+  evaluate.perplexity(CFG, params, docs, length=24, rope=scalings[0], batch_size=2)  # new shape: compiles
+  assert len(events) > before
+
+
+def test_vmap_over_stacked_rope(params):
+  tokens = jnp.asarray(_docs([16, 16], seed=6)).reshape(2, 16)
+  arrays = [CFG.rope_arrays(rope_lib.RopeScaling("linear", factor=f)) for f in (1.0, 2.0, 4.0)]
+  stacked = jax.tree.map(jnp.asarray, rope_lib.stack_rope_arrays(arrays))
+  nll, count = jax.jit(jax.vmap(lambda r: evaluate.window_nll(CFG, params, tokens, r)))(stacked)
+  assert nll.shape == count.shape == (3, 2)
+  single_fn = evaluate.compiled_window_nll(CFG)
+  for i, a in enumerate(arrays):
+    single = single_fn(params, tokens, jax.tree.map(jnp.asarray, a), jnp.ones((2, 15)))[0]
+    np.testing.assert_allclose(nll[i], single, rtol=1e-5)
+
+
+def test_mesh_matches_single_device(params):
+  docs = _docs([33, 40, 35, 50], seed=7)
+  mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 1, "sequence": 4, "tensor": 1})
+  single = evaluate.perplexity(CFG, params, docs, length=32, rope=DYNAMIC, batch_size=2)
+  ring = evaluate.perplexity(CFG.replace(attention="ring"), params, docs, length=32, rope=DYNAMIC, batch_size=2,
+                             mesh=mesh)
+  np.testing.assert_allclose(ring.window_nll, single.window_nll, rtol=2e-5)
+
+
+def test_bad_inputs(params):
+  docs = _docs([30, 10])
+  run = lambda **kw: evaluate.perplexity(CFG, params, kw.pop("docs", docs), **{"length": 20, **kw})
+  with pytest.raises(evaluate.EvalError, match="length 20 exceeds max_length 16"):
+    run(max_length=16)
+  with pytest.raises(evaluate.EvalError, match=r"document 1 has 10 tokens, fewer than the evaluation length 20"):
+    run()
+  assert run(short_documents="skip").num_documents == 1
+  with pytest.raises(evaluate.EvalError, match=r"0 of 2 documents have >= 40 tokens \(longest: 30\)"):
+    run(length=40, short_documents="skip")
+  with pytest.raises(evaluate.EvalError, match="unknown protocol 'strided'"):
+    run(protocol="strided", short_documents="skip")
+  with pytest.raises(evaluate.EvalError, match=r"1 <= stride <= length - 1 = 19, got 20"):
+    run(protocol="sliding", stride=20, short_documents="skip")
+  with pytest.raises(evaluate.EvalError, match="outside the model's vocabulary"):
+    run(docs=[np.full(25, 50, np.int32)])
+  with pytest.raises(evaluate.EvalError, match="no documents"):
+    run(docs=[])
+  with pytest.raises(evaluate.EvalError, match="batch_size must be >= 1"):
+    run(batch_size=0)
+  with pytest.raises(evaluate.EvalError, match="unknown short_documents policy"):
+    run(short_documents="pad")
