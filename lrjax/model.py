@@ -53,7 +53,9 @@ class ModelConfig:
   rms_norm_eps: float = 1e-6
   tie_word_embeddings: bool = False
   max_position_embeddings: int = 2048
-  rope_scaling: rope_lib.RopeScaling = rope_lib.RopeScaling()
+  # Host-side only (rope_arrays); excluded from eq/hash so jitted functions taking the config as a static
+  # argument do not recompile per scaling.
+  rope_scaling: rope_lib.RopeScaling = dataclasses.field(default=rope_lib.RopeScaling(), compare=False)
   bos_token_id: int | None = None
   eos_token_id: int | None = None
   dtype: str = "float32"
