@@ -32,6 +32,9 @@ def _parse():
   p.add_argument("--attention", default=None, help="override the attention implementation")
   p.add_argument("--generations", type=int, default=3, help="iterations of the compile-count search")
   p.add_argument("--quick", action="store_true", help="length 512, 4 candidates, 1 run")
+  p.add_argument("--tiny", action="store_true",
+                 help="the tests' random tiny model (d 32, 2 layers, window 32) at 8x = 256 tokens: the "
+                      "launch-overhead-bound regime")
   return p.parse_args()
 
 
@@ -51,6 +54,10 @@ jax.monitoring.register_event_duration_secs_listener(
 
 
 def load_model():
+  if ARGS.tiny:
+    cfg = model_lib.ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                                num_kv_heads=2, head_dim=16, max_position_embeddings=32)
+    return cfg, model_lib.init_params(cfg, jax.random.PRNGKey(0)), "random tiny model (tests' shape)"
   if os.path.isdir(search.BUILTIN_MODEL):
     from lrjax import weights
     cfg, params = weights.load(search.BUILTIN_MODEL)
@@ -69,6 +76,8 @@ def load_model():
 def main():
   if ARGS.quick:
     ARGS.length, ARGS.candidates, ARGS.population, ARGS.runs, ARGS.generations = 512, 4, 4, 1, 2
+  if ARGS.tiny:
+    ARGS.length = 256
   cfg, params, what = load_model()
   rng = np.random.default_rng(0)
   windows = rng.integers(0, cfg.vocab_size, (ARGS.documents, ARGS.length)).astype(np.int32)

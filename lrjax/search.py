@@ -900,6 +900,10 @@ def validate_config(config) -> None:
     raise SearchError("search.n_hat_choices is set but search.search_n_hat is False")
   if sc.search_n_hat and sc.n_hat:
     raise SearchError("search.n_hat (a fixed n̂) is set but search.search_n_hat is True")
+  if not sc.search_temperature and (tuple(sc.temperature_range) != (1.0, 1.5) or sc.temperature_step != 0.01):
+    raise SearchError("search.temperature_range/temperature_step are set but search.search_temperature is False")
+  if "yarn" not in sc.seeds and (sc.yarn_beta_fast, sc.yarn_beta_slow) != (32.0, 1.0):
+    raise SearchError("search.yarn_beta_fast/yarn_beta_slow are set but 'yarn' is not among search.seeds")
   if "base" in sc.seeds and stage == "long":
     raise SearchError("seed 'base' needs base_factors, which stage 'long' does not use")
   if sc.doc_batch < 1 or sc.candidates_per_call < 1 or config.data.num_documents < 1:
@@ -1046,47 +1050,22 @@ def write_hf_snippet(path: str, scaling: rope_lib.RopeScaling, *, rope_theta: fl
 
 
 def plot_factors(path: str, best: np.ndarray, references: Mapping[str, np.ndarray], *, title: str = "") -> None:
-  """λ per frequency pair (log y): the searched factors against the seed methods."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for name, f in references.items():
-    f = np.asarray(f)
-    f = f if f.ndim == 1 else f.mean(axis=0)
-    ax.plot(np.arange(f.shape[-1]), f, "--", lw=1, label=name)
-  best = best if best.ndim == 1 else best.mean(axis=0)
-  ax.plot(np.arange(best.shape[-1]), best, "k-", lw=2, label="searched")
-  ax.set_yscale("log")
-  ax.set_xlabel("frequency pair i (high → low frequency)")
-  ax.set_ylabel("rescale factor λ_i")
-  ax.set_title(title)
-  ax.legend()
-  fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110)
-  plt.close(fig)
-  _atomic_write(path, buf.getvalue())
+  """λ per frequency pair (log y): the searched factors against the seed methods (lrjax.report.line_plot)."""
+  from lrjax import report
+  row = lambda f: np.asarray(f) if np.ndim(f) == 1 else np.asarray(f).mean(axis=0)  # per-layer: mean row
+  series = {name: (np.arange(row(f).shape[-1]), row(f)) for name, f in references.items()}
+  series["searched"] = (np.arange(row(best).shape[-1]), row(best))
+  report.line_plot(path, series, xlabel="frequency pair i (high -> low frequency)", ylabel="rescale factor λ_i",
+                   title=title, logy=True)
 
 
 def plot_fitness(path: str, log: Sequence[Mapping]) -> None:
-  """Best and mean fitness (perplexity) by generation."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  """Best and mean (finite) fitness by generation, log y (lrjax.report.line_plot)."""
+  from lrjax import report
   gens = [r["generation"] for r in log]
-  fig, ax = plt.subplots(figsize=(6, 4))
-  ax.plot(gens, [r["best_fitness"] for r in log], "o-", label="best")
-  ax.plot(gens, [r["mean_fitness"] for r in log], "s--", label="population mean (finite)")
-  ax.set_xlabel("generation")
-  ax.set_ylabel("fitness (perplexity)")
-  ax.set_yscale("log")
-  ax.legend()
-  fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110)
-  plt.close(fig)
-  _atomic_write(path, buf.getvalue())
+  report.line_plot(path, {"best": (gens, [r["best_fitness"] for r in log]),
+                          "population mean": (gens, [r["mean_fitness"] for r in log])},
+                   xlabel="generation", ylabel="fitness (perplexity)", logy=True)
 
 
 def run_short(config, model_config, params, documents: Sequence[np.ndarray], workdir: str, *,
