@@ -26,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+import time
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -319,6 +321,8 @@ def perplexity(config: model_lib.ModelConfig, params: dict, documents: Sequence[
     except sharding_lib.ShardingError as e:
       raise EvalError(str(e)) from None
     params = jax.device_put(params, sharding_lib.param_shardings(mesh, params))
+  else:
+    params = jax.device_put(params)  # once, not at every call (a no-op for arrays already on device)
   fn = compiled_window_nll(config, mesh)
 
   # Group windows by their RoPE arrays (they differ only where the setting depends on sequence length).
@@ -378,3 +382,246 @@ def _shard_batch(mesh, tokens, weights):
   # Weights are [b, L-1]: the odd length cannot split over the sequence axis; split the batch only.
   w_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(spec[0], None))
   return jax.device_put(tokens, tok_sharding), jax.device_put(weights, w_sharding)
+
+
+def count_windows(documents: Sequence[np.ndarray], length: int, *, protocol: str = "truncate",
+                  stride: int | None = None, bos_id: int | None = None, short_documents: str = "error") -> int:
+  """How many windows `perplexity` will evaluate (for progress bars)."""
+  keep = select_documents(documents, length, bos_id=bos_id, short_documents=short_documents)
+  lengths = [_body(np.asarray(documents[i]), bos_id).shape[0] for i in keep]
+  return len(plan_windows(lengths, length, protocol=protocol, stride=stride, bos=bos_id is not None))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The evaluate experiment: settings x lengths (x sources) -> table, CSV, JSON, plot.
+
+BUILTIN_MODEL = os.path.join(os.path.dirname(__file__), "assets", "model")
+DERIVED_METHODS = {"pi": "linear", "linear": "linear", "ntk": "ntk", "yarn": "yarn", "llama3": "llama3"}
+CONFIG_KEYS = {"model", "tokenizer", "dtype", "attention", "block_q", "block_k", "data", "num_documents",
+               "min_tokens", "short_documents", "lengths", "settings", "original_length", "protocol", "stride",
+               "batch_size", "max_length", "mesh", "save_windows", "progress"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """A table row: `label`, and the RoPE scaling to use at each evaluation length."""
+  label: str
+  spec: str
+  scaling_at: Callable[[int], rope_lib.RopeScaling]
+
+
+def parse_setting(spec: str, config: model_lib.ModelConfig, original_length: int = 0) -> Setting:
+  """A setting string (see configs/evaluate.py): none, model, pi/linear/ntk/yarn/llama3[:S], dynamic[:F],
+  or a factor-file path; any of them as LABEL=SPEC."""
+  spec = str(spec).strip()
+  label, body = None, spec
+  if "=" in spec and not os.path.exists(spec):
+    label, body = (part.strip() for part in spec.split("=", 1))
+    if not label or not body:
+      raise EvalError(f"setting {spec!r}: expected LABEL=SPEC")
+  original = original_length or config.max_position_embeddings
+  name, _, arg = body.partition(":")
+  fixed = None
+  if arg and name in {**DERIVED_METHODS, "dynamic": 0}:
+    try:
+      fixed = float(arg)
+    except ValueError:
+      raise EvalError(f"setting {spec!r}: {arg!r} is not a number") from None
+    if not math.isfinite(fixed) or fixed <= 0:
+      raise EvalError(f"setting {spec!r}: the factor must be a positive number")
+  if body in ("none", "default"):
+    scaling_at = lambda n: rope_lib.RopeScaling()
+  elif body == "model":
+    scaling_at = lambda n: config.rope_scaling
+  elif name in DERIVED_METHODS and (not arg or fixed is not None):
+    method = DERIVED_METHODS[name]
+    needs_original = method in ("yarn", "llama3")
+
+    def scaling_at(n, method=method, needs_original=needs_original):
+      s = fixed if fixed is not None else max(1.0, n / original)
+      return rope_lib.RopeScaling(method, factor=s,
+                                  original_max_position_embeddings=original if needs_original else None)
+  elif name == "dynamic" and (not arg or fixed is not None):
+    scaling = rope_lib.RopeScaling("dynamic", factor=fixed or 1.0)
+    scaling_at = lambda n: scaling
+  elif os.path.isfile(body):
+    from lrjax import factors as factors_lib
+    try:
+      scaling = factors_lib.load(body, n_layers=config.num_layers, rotary_dim=config.rotary_dim)
+    except (ValueError, OSError) as e:
+      raise EvalError(f"setting {spec!r}: {e}") from None
+    scaling_at = lambda n: scaling
+    if label is None:
+      parent = os.path.basename(os.path.dirname(os.path.abspath(body)))
+      label = f"{parent}/{os.path.basename(body)}" if parent else os.path.basename(body)
+  else:
+    raise EvalError(f"setting {spec!r}: not a method (none, model, pi, linear, ntk, yarn, llama3, dynamic, "
+                    "optionally METHOD:S) nor an existing factor file")
+  scaling_at(original)  # validate now (RopeError is a ValueError with a clear message)
+  return Setting(label or body, spec, scaling_at)
+
+
+def validate_config(config) -> None:
+  """Unknown keys, bad values: one EvalError naming each problem."""
+  keys = set(config.keys())
+  problems = []
+  if keys - CONFIG_KEYS:
+    problems.append(f"unknown config key(s) {', '.join(sorted(keys - CONFIG_KEYS))}")
+  if CONFIG_KEYS - keys:
+    problems.append(f"missing config key(s) {', '.join(sorted(CONFIG_KEYS - keys))}")
+  if problems:
+    raise EvalError("; ".join(problems))
+  lengths = tuple(config.lengths)
+  if not lengths or any(not isinstance(n, int) or n < 2 for n in lengths):
+    problems.append(f"lengths must be integers >= 2, got {lengths}")
+  elif max(lengths) > config.max_length:
+    problems.append(f"length {max(lengths)} exceeds max_length {config.max_length}")
+  if not tuple(config.settings):
+    problems.append("settings is empty")
+  if isinstance(config.data, str) or not tuple(config.data):
+    problems.append("data must be a non-empty tuple of sources, e.g. ('builtin:test',)")
+  if config.protocol not in PROTOCOLS:
+    problems.append(f"unknown protocol {config.protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+  if config.short_documents not in SHORT_DOCUMENT_POLICIES:
+    problems.append(f"short_documents must be error or skip, got {config.short_documents!r}")
+  if config.batch_size < 1 or config.num_documents < 0 or config.min_tokens < -1 or config.original_length < 0:
+    problems.append("batch_size >= 1, num_documents >= 0, min_tokens >= -1 and original_length >= 0 required")
+  if config.protocol == "sliding" and config.stride < 1:
+    problems.append("protocol 'sliding' needs stride >= 1 (tokens between window starts)")
+  if config.protocol == "truncate" and config.stride:
+    problems.append(f"stride is set ({config.stride}) but protocol is 'truncate' (one window per document); "
+                    "use protocol='sliding' or stride=0")
+  if problems:
+    raise EvalError("; ".join(problems))
+
+
+def load_model(config) -> tuple[model_lib.ModelConfig, dict]:
+  """(ModelConfig with the config's execution settings, params) of config.model."""
+  from lrjax import weights
+  path = BUILTIN_MODEL if config.model == "builtin" else config.model
+  if not os.path.exists(path):
+    if config.model == "builtin":
+      raise EvalError(f"the built-in model is missing ({path}); it is produced by the pretraining job "
+                      "(experiments/train.py); or pass --config.model=DIR")
+    raise EvalError(f"model {config.model!r}: no such directory")
+  model_config, params = weights.load(path)
+  model_config = model_config.replace(dtype=config.dtype, attention=config.attention, block_q=config.block_q,
+                                      block_k=config.block_k)
+  return model_config, params
+
+
+def load_tokenizer_for(config):
+  """config.tokenizer, with "auto" = the model directory's tokenizer file (byte for the built-in model)."""
+  from lrjax import tokenizers
+  spec = config.tokenizer
+  if spec == "auto":
+    if config.model == "builtin":
+      return tokenizers.ByteTokenizer()
+    found = tokenizers.find_tokenizer_file(config.model)
+    if found is None:
+      raise EvalError(f"tokenizer 'auto': no {' or '.join(tokenizers.TOKENIZER_FILES)} in {config.model}; set "
+                      "--config.tokenizer=byte or a tokenizer path")
+    spec = found
+  return tokenizers.load_tokenizer(spec)
+
+
+def run(config, workdir: str, *, model: tuple[model_lib.ModelConfig, dict] | None = None,
+        print_fn: Callable[[str], None] = print) -> dict:
+  """Everything experiments/evaluate.py does: perplexity for every (source, setting, length).
+
+  Writes into workdir: results.csv (one row per cell), results.json (config, cells, per-window NLL),
+  table.txt and ppl.png (perplexity vs length, log y; one curve per setting [and source]). Files are
+  rewritten after every cell, so an interrupted run keeps what it finished.
+  Args:
+    config: a configs/evaluate.py ConfigDict.
+    workdir: output directory.
+    model: optional (ModelConfig, params) to use instead of loading config.model (tests, notebooks).
+  Returns:
+    {"table": {row: {length: ppl}}, "cells": [...], "files": {...}}.
+  """
+  from lrjax import data as data_lib
+  from lrjax import report
+
+  validate_config(config)
+  if not workdir:
+    raise EvalError("--workdir is required")
+  model_config, params = model if model is not None else load_model(config)
+  tokenizer = load_tokenizer_for(config)
+  settings = [parse_setting(s, model_config, config.original_length) for s in config.settings]
+  if len({s.label for s in settings}) < len(settings):
+    raise EvalError(f"settings have duplicate labels: {[s.label for s in settings]}; use LABEL=SPEC")
+  lengths = sorted(set(int(n) for n in config.lengths))
+  min_tokens = max(lengths) if config.min_tokens == -1 else int(config.min_tokens)
+  sources = [str(s) for s in config.data]
+  documents = {src: data_lib.tokenized_documents(src, tokenizer, min_tokens=min_tokens,
+                                                 max_documents=config.num_documents or None)
+               for src in sources}
+  bos = tokenizer.bos_id
+  stride = config.stride if config.protocol == "sliding" else None
+  kw = dict(protocol=config.protocol, stride=stride, bos_id=bos, short_documents=config.short_documents)
+  total = sum(count_windows(docs, n, **kw) for docs in documents.values() for n in lengths) * len(settings)
+
+  mesh = None
+  if jax.device_count() > 1:
+    from lrjax import sharding as sharding_lib
+    mesh = sharding_lib.make_mesh(config.mesh)
+  params = jax.device_put(params) if mesh is None else params
+  row_name = (lambda src, s: s.label) if len(sources) == 1 else (lambda src, s: f"{s.label} @ {src}")
+  os.makedirs(workdir, exist_ok=True)
+  files = {k: os.path.join(workdir, v) for k, v in
+           (("csv", "results.csv"), ("json", "results.json"), ("table", "table.txt"), ("plot", "ppl.png"))}
+  cells, table = [], {}
+  bar = None
+  if config.progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, unit="window", desc="perplexity", dynamic_ncols=True)
+  try:
+    for src in sources:
+      for setting in settings:
+        row = row_name(src, setting)
+        for n in lengths:
+          scaling = setting.scaling_at(n)
+          if bar is not None:
+            bar.set_postfix_str(f"{row} @ {n}")
+          start = time.perf_counter()
+          result = perplexity(model_config, params, documents[src], length=n, rope=scaling,
+                              batch_size=config.batch_size, max_length=config.max_length, mesh=mesh,
+                              progress=bar.update if bar is not None else None, **kw)
+          cell = {"source": src, "setting": setting.label, "spec": setting.spec, "row": row,
+                  "scaling": _scaling_summary(scaling), "seconds": round(time.perf_counter() - start, 3),
+                  **result.to_dict(windows=bool(config.save_windows))}
+          cells.append(cell)
+          table.setdefault(row, {})[n] = result.ppl
+          _write_outputs(files, config, model_config, cells, table, lengths)
+  finally:
+    if bar is not None:
+      bar.close()
+  text = report.format_table(list(table), lengths, lambda r, n: table[r].get(n), row_header="setting \\ length")
+  print_fn(f"perplexity ({config.protocol}{f', stride {stride}' if stride else ''}; "
+           f"{', '.join(f'{len(d)} docs from {s}' for s, d in documents.items())}):\n{text}")
+  return {"table": table, "cells": cells, "files": files}
+
+
+def _scaling_summary(scaling: rope_lib.RopeScaling) -> dict:
+  out = {"method": scaling.method, "factor": scaling.factor}
+  if scaling.original_max_position_embeddings:
+    out["original_max_position_embeddings"] = scaling.original_max_position_embeddings
+  if scaling.method == "longrope":
+    out["n_hat"] = scaling.n_hat
+  return out
+
+
+def _write_outputs(files, config, model_config, cells, table, lengths) -> None:
+  from lrjax import report
+  columns = ["source", "setting", "length", "ppl", "token_ppl", "mean_nll", "nll_sum", "count", "num_documents",
+             "num_windows", "protocol", "stride", "seconds"]
+  report.write_csv(files["csv"], columns, [[c[k] if c[k] is not None else "" for k in columns] for c in cells])
+  report.write_json(files["json"], {
+      "config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
+      "model": {"vocab_size": model_config.vocab_size, "hidden_size": model_config.hidden_size,
+                "num_layers": model_config.num_layers, "max_position_embeddings":
+                model_config.max_position_embeddings, "rope_theta": model_config.rope_theta},
+      "cells": cells})
+  report.write_text(files["table"], report.format_table(list(table), lengths, lambda r, n: table[r].get(n),
+                                                        row_header="setting \\ length") + "\n")
+  report.perplexity_plot(files["plot"], table, title=f"perplexity vs length ({config.protocol})")

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from lrjax import evaluate, model as model_lib, rope as rope_lib, sharding as sharding_lib
 
-CFG = model_lib.ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+CFG = model_lib.ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                             num_kv_heads=2, head_dim=8, max_position_embeddings=16, block_q=8, block_k=8)
 DYNAMIC = rope_lib.RopeScaling("dynamic", factor=2.0)  # frequencies depend on the sequence length
 
@@ -79,7 +79,7 @@ def _reference(logits_fn, params, docs, length, bos, scaling, stride=None):
   return np.asarray(out, np.float64)
 
 
-@pytest.mark.parametrize("bos", [None, 49])
+@pytest.mark.parametrize("bos", [None, 255])
 def test_truncate_matches_reference(params, logits_fn, bos):
   docs = _docs([30, 20, 41], seed=2, bos=bos)
   res = evaluate.perplexity(CFG, params, docs, length=20, rope=DYNAMIC, protocol="truncate", batch_size=2,
@@ -93,7 +93,7 @@ def test_truncate_matches_reference(params, logits_fn, bos):
   assert (res.window_count == 19).all()  # L - 1 targets, BOS or not
 
 
-@pytest.mark.parametrize("bos", [None, 49])
+@pytest.mark.parametrize("bos", [None, 255])
 def test_sliding_matches_reference(params, logits_fn, bos):
   docs = _docs([45, 20, 33], seed=3, bos=bos)
   res = evaluate.perplexity(CFG, params, docs, length=20, rope=DYNAMIC, protocol="sliding", stride=7,
@@ -188,10 +188,100 @@ def test_bad_inputs(params):
   with pytest.raises(evaluate.EvalError, match=r"1 <= stride <= length - 1 = 19, got 20"):
     run(protocol="sliding", stride=20, short_documents="skip")
   with pytest.raises(evaluate.EvalError, match="outside the model's vocabulary"):
-    run(docs=[np.full(25, 50, np.int32)])
+    run(docs=[np.full(25, 256, np.int32)])
   with pytest.raises(evaluate.EvalError, match="no documents"):
     run(docs=[])
   with pytest.raises(evaluate.EvalError, match="batch_size must be >= 1"):
     run(batch_size=0)
   with pytest.raises(evaluate.EvalError, match="unknown short_documents policy"):
     run(short_documents="pad")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The evaluate experiment.
+
+
+def _experiment_config(tmp_path, **overrides):
+  import json
+  from configs import evaluate as evaluate_config
+  docs = tmp_path / "docs.jsonl"
+  rs = np.random.RandomState(8)
+  docs.write_text("".join(json.dumps({"id": f"d{i}", "text": "".join(rs.choice(list("abcdefgh "), 70 + 10 * i))})
+                          + "\n" for i in range(3)))
+  c = evaluate_config.get_config()
+  c.tokenizer = "byte"
+  c.data = (str(docs),)
+  c.lengths = (32, 64)
+  c.progress = False
+  c.batch_size = 2
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+BYTE_CFG = CFG
+
+
+@pytest.fixture(scope="module")
+def byte_model(tmp_path_factory, params):
+  from lrjax import weights
+  path = tmp_path_factory.mktemp("model") / "hf"
+  weights.save_hf(path, BYTE_CFG, jax.tree.map(np.asarray, params))
+  return str(path), params
+
+
+def test_experiment_writes_table_csv_json_plot(tmp_path, byte_model):
+  import csv
+  import json
+  from lrjax import factors
+  path, params = byte_model
+  factor_file = tmp_path / "f.json"
+  long_factor = np.linspace(1, 3, BYTE_CFG.rotary_dim // 2)
+  factors.save(factor_file, rope_lib.RopeScaling("longrope", long_factor=long_factor, factor=4.0,
+                                                 original_max_position_embeddings=16))
+  c = _experiment_config(tmp_path, model=path,
+                         settings=("none", "pi", "yarn:2", "dynamic", f"mine={factor_file}"))
+  printed = []
+  out = evaluate.run(c, str(tmp_path / "work"), print_fn=printed.append)
+  assert list(out["table"]) == ["none", "pi", "yarn:2", "dynamic", "mine"]
+  rows = list(csv.DictReader(open(out["files"]["csv"])))
+  assert [(r["setting"], r["length"]) for r in rows] == [(s, n) for s in out["table"] for n in ("32", "64")]
+  cells = json.load(open(out["files"]["json"]))["cells"]
+  assert len(cells) == 10 and len(cells[0]["windows"]["nll"]) == 3
+  assert open(out["files"]["plot"], "rb").read(4) == b"\x89PNG"
+  assert "setting \\ length" in printed[0] and "mine" in printed[0]
+  # cells equal direct perplexity calls with the documented scalings (pi: s = 64 / 16 at length 64)
+  from lrjax import data, tokenizers
+  docs = data.tokenized_documents(c.data[0], tokenizers.ByteTokenizer(), min_tokens=64)
+  cfg = BYTE_CFG.replace(block_q=c.block_q, block_k=c.block_k)
+  for setting, scaling in (("pi", rope_lib.RopeScaling("linear", factor=4.0)),
+                           ("mine", factors.load(factor_file))):
+    direct = evaluate.perplexity(cfg, params, docs, length=64, rope=scaling, batch_size=2)
+    np.testing.assert_allclose(out["table"][setting][64], direct.ppl, rtol=1e-5)
+
+
+def test_experiment_bad_configs(tmp_path, byte_model):
+  path, _ = byte_model
+  with pytest.raises(evaluate.EvalError, match="stride is set"):
+    evaluate.run(_experiment_config(tmp_path, model=path, stride=8), str(tmp_path))
+  with pytest.raises(evaluate.EvalError, match="not a method .* nor an existing factor file"):
+    evaluate.run(_experiment_config(tmp_path, model=path, settings=("pii",)), str(tmp_path))
+  with pytest.raises(evaluate.EvalError, match="length 64 exceeds max_length 32"):
+    evaluate.run(_experiment_config(tmp_path, model=path, max_length=32), str(tmp_path))
+  c = _experiment_config(tmp_path, model=path)
+  c.unlock()
+  c.colour = "red"
+  with pytest.raises(evaluate.EvalError, match="unknown config key"):
+    evaluate.run(c, str(tmp_path))
+  with pytest.raises(evaluate.EvalError, match="no tokenizer.json or tokenizer.model"):
+    evaluate.run(_experiment_config(tmp_path, model=path, tokenizer="auto"), str(tmp_path))
+
+
+def test_experiment_cli_prints_one_line_error(tmp_path):
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, "experiments/evaluate.py", "--config=configs/evaluate.py",
+                         f"--config.model={tmp_path}/nope", f"--workdir={tmp_path}/w"],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == f"error: model '{tmp_path}/nope': no such directory"

@@ -1,0 +1,63 @@
+"""Perplexity-vs-length evaluation configs (lrjax.evaluate.run).
+
+  python experiments/evaluate.py --config=configs/evaluate.py --workdir=/tmp/eval
+  python experiments/evaluate.py --config=configs/evaluate.py:proofpile --config.model=/ckpt/Llama-2-7b-hf \
+      --config.data="('/data/proofpile_test.jsonl',)" --workdir=/tmp/eval_llama2
+
+Variants (get_config(arg)):
+  (default)   built-in byte model (window 256) on builtin:test at 256..2048 tokens, truncate protocol
+  proofpile   paper Proof-pile protocol: 10 documents >= 128k tokens, truncated, lengths 4k..128k (set data)
+  pg19        paper PG19 protocol: TFDS pg19 test, sliding window, stride 256 at 8k (set lengths for 64k/128k)
+
+Settings (rows of the table; each is "SPEC" or "LABEL=SPEC"):
+  none                plain RoPE          model     the checkpoint's own rope scaling
+  pi | linear, ntk, yarn, llama3          s = max(1, length / original_length), per column
+  METHOD:S            a fixed factor s (e.g. yarn:16)
+  dynamic             HF dynamic NTK with factor 1: s follows each window's length (dynamic:F sets factor F)
+  PATH                a factor file (lrjax JSON or LongRoPE CSV), e.g. a search's factors.json
+"""
+
+import ml_collections
+
+
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = "builtin"            # "builtin" (lrjax/assets/model) or a checkpoint directory (HF, Meta, native)
+  c.tokenizer = "auto"           # auto: the model directory's tokenizer.json / tokenizer.model (byte for builtin);
+  #                                or "byte" / a tokenizer file / a directory
+  c.dtype = "float32"            # compute dtype
+  c.attention = "blockwise"      # blockwise | reference | xla | cudnn | ring (with a mesh sequence axis)
+  c.block_q = 512
+  c.block_k = 512
+  c.data = ("builtin:test",)     # sources: builtin:SPLIT, FILE.jsonl[.gz][?field=], FILE.txt, DIR[?pattern=],
+  #                                tfds:NAME?split=test&data_dir=DIR&field=text
+  c.num_documents = 0            # documents per source (0 = all that pass min_tokens)
+  c.min_tokens = -1              # keep documents with >= this many tokens; -1 = the largest length (the same
+  #                                documents at every length, as in the paper)
+  c.short_documents = "error"    # error | skip: documents shorter than a length (only when min_tokens allows them)
+  c.lengths = (256, 512, 1024, 2048)
+  c.settings = ("none", "pi", "ntk", "yarn", "dynamic")
+  c.original_length = 0          # L for derived factors (0 = the model's max_position_embeddings)
+  c.protocol = "truncate"        # truncate (one window per document) | sliding (with stride)
+  c.stride = 0                   # sliding-window stride in tokens (sliding only; 0 with truncate)
+  c.batch_size = 1               # windows per device call
+  c.max_length = 1 << 21         # refuse longer lengths (guard against a typo'd 10x evaluation)
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1))  # used with > 1 device
+  c.save_windows = True          # per-window NLL in results.json
+  c.progress = True              # tqdm bar
+
+  if variant == "proofpile":
+    c.num_documents = 10
+    c.lengths = (4096, 8192, 32768, 65536, 98304, 131072)
+    c.settings = ("none", "yarn", "model")
+    c.min_tokens = 131072
+  elif variant == "pg19":
+    c.data = ("tfds:pg19?split=test&field=book_text",)  # needs the dataset prepared (ArrayRecord) in TFDS' data_dir
+    c.protocol = "sliding"
+    c.stride = 256
+    c.lengths = (8192,)
+    c.settings = ("none", "yarn", "model")
+    c.min_tokens = 0
+  elif variant:
+    raise ValueError(f"unknown evaluate config variant {variant!r}; expected proofpile or pg19")
+  return c
