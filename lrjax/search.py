@@ -336,8 +336,9 @@ def evolve(space: SearchSpace, evolution: Evolution, seeds: Mapping[str, np.ndar
   genomes never evaluated before are sent to `fitness_fn`.
 
   With `state_path`, the state is written atomically after each generation; `resume=True` continues from it
-  (a finished search returns at once). RNG, population, cache and log are all in the state, so a resumed
-  search ends exactly where an uninterrupted one would.
+  (a finished search returns at once; one resumed with more `iterations` runs the extra generations). RNG,
+  population, cache and log are all in the state, so a resumed search ends exactly where an uninterrupted one
+  would.
   """
   seeds = {name: np.asarray(g, np.int64) for name, g in seeds.items()}
   for name, g in seeds.items():
@@ -352,14 +353,15 @@ def evolve(space: SearchSpace, evolution: Evolution, seeds: Mapping[str, np.ndar
     cache = {tuple(g): (math.inf if f is None else f) for g, f in state["cache"]}
     population = [np.asarray(g, np.int64) for g in state["population"]]
     generation, log, stale = state["generation"], state["log"], state["stale"]
-    done = state["done"]
+    stopped = state["stopped_early"]
   else:
-    population, generation, log, stale, done = [], -1, [], 0, False
+    population, generation, log, stale, stopped = [], -1, [], 0, False
 
   def save():
     if state_path:
       payload = {
-          "version": 1, "fingerprint": fingerprint, "generation": generation, "done": done, "stale": stale,
+          "version": 1, "fingerprint": fingerprint, "generation": generation, "stale": stale,
+          "stopped_early": stopped, "done": stopped or generation >= evolution.iterations,
           "rng": rng.bit_generator.state, "population": [genome_key(g) for g in population],
           "cache": [[list(k), _json_fit(f)] for k, f in cache.items()], "log": log,
           "seeds": {name: genome_key(g) for name, g in seeds.items()},
@@ -416,7 +418,7 @@ def evolve(space: SearchSpace, evolution: Evolution, seeds: Mapping[str, np.ndar
       if bar is not None:
         bar.update(1)
         bar.set_postfix(best=f"{log[-1]['best_fitness']:.4g}", evals=len(cache))
-    while not done and generation < evolution.iterations:
+    while not stopped and generation < evolution.iterations:
       start = time.perf_counter()
       parents = population[:evolution.parents]
       taken = {genome_key(g) for g in parents}
@@ -448,14 +450,13 @@ def evolve(space: SearchSpace, evolution: Evolution, seeds: Mapping[str, np.ndar
       improved = previous_best - cache[genome_key(population[0])] > evolution.early_stop_tol
       stale = 0 if improved else stale + 1
       if evolution.early_stop_patience and stale >= evolution.early_stop_patience:
-        done = True
+        stopped = generation < evolution.iterations
       record(time.perf_counter() - start, evaluated)
       save()
       if bar is not None:
         bar.update(1)
         bar.set_postfix(best=f"{log[-1]['best_fitness']:.4g}", evals=len(cache))
-    stopped_early = done and generation < evolution.iterations
-    done = True
+    stopped_early = stopped
     save()
   finally:
     if bar is not None:
@@ -965,8 +966,11 @@ def run(config, model_config, params, documents: Sequence[np.ndarray], workdir: 
   fitness = PerplexityFitness(model_config, params, windows, weights,
                               candidates_per_call=int(sc.candidates_per_call), doc_batch=int(sc.doc_batch),
                               mesh=mesh, window_nll=window_nll)
+  # iterations and early stopping are left out so a finished search can be resumed with more iterations.
+  evolution = {k: v for k, v in dataclasses.asdict(plan.evolution).items()
+               if k not in ("iterations", "early_stop_patience", "early_stop_tol")}
   fingerprint = fingerprint_of(
-      plan.space.to_json(), dataclasses.asdict(plan.evolution), {k: genome_key(g) for k, g in plan.seeds.items()},
+      plan.space.to_json(), evolution, {k: genome_key(g) for k, g in plan.seeds.items()},
       [plan.rotary_dim, plan.theta, plan.n_layers, plan.original_length, plan.target_length, int(sc.seed)],
       windows, np.zeros(0) if weights is None else weights)
   os.makedirs(workdir, exist_ok=True)

@@ -329,7 +329,14 @@ def test_same_seed_same_result_and_outputs(tiny, tmp_path):
   c.resume = True
   again = search.run(c, mc, params, docs, str(wd))
   assert again.scaling == a.scaling and again.compilations == 0
+  # Resumed with more iterations it runs the extra generations, ending where a 5-iteration run ends.
+  c.search.iterations = 5
+  extended = search.run(c, mc, params, docs, str(wd))
   c.resume = False
+  fresh = search.run(c, mc, params, docs, str(tmp_path / "five"))
+  assert extended.evolution.generations == 6 and extended.scaling == fresh.scaling
+  assert extended.evolution.log[:4] == a.evolution.log
+  assert [r["best_fitness"] for r in extended.evolution.log] == [r["best_fitness"] for r in fresh.evolution.log]
   with pytest.raises(search.SearchError, match="already holds a search state"):
     search.run(c, mc, params, docs, str(wd))
 
