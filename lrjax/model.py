@@ -220,12 +220,16 @@ class Llama(nn.Module):
     x = _constrain(x, ("batch", "length", "embed"))
 
     def body(x, layer):
-      p, inv_freq, layer_cache = layer
-      return decoder_layer(x, p, positions, inv_freq, rope, c, layer_cache, cache_index)
+      p, inv_freq, layer_positions, layer_cache = layer
+      return decoder_layer(x, p, layer_positions, inv_freq, rope, c, layer_cache, cache_index)
 
     if c.remat != "none":
       body = jax.checkpoint(body, policy=_remat_policy(c.remat), prevent_cse=not c.scan_layers)
-    xs = (self.layers, rope.inv_freq, cache)
+    # Positions enter the layer scan as a per-layer input, not a closed-over constant: under grad, scan's
+    # partial evaluation hoists everything computed from loop constants out of the loop, which would
+    # materialise every attention block's mask at once (O(t^2) memory). [L, b, t] ints cost nothing.
+    layer_positions = jnp.broadcast_to(positions, (c.num_layers,) + positions.shape)
+    xs = (self.layers, rope.inv_freq, layer_positions, cache)
     if c.scan_layers:
       x, new_cache = jax.lax.scan(body, x, xs)
     else:
