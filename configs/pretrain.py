@@ -26,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 16  # sequences per optimizer step (global)
   c.accumulation = 1  # microbatches per step
   c.optimizer = ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0))
-  c.stages = [ml_collections.ConfigDict(dict(length=256, steps=700, rope="default", rope_factor=1.0,
+  c.stages = [ml_collections.ConfigDict(dict(length=256, steps=500, rope="default", rope_factor=1.0,
                                              lr=2e-3, schedule="cosine", warmup_steps=50, end_lr_ratio=0.1))]
   c.loss_chunk = 2048
   c.nan_policy = "skip"
@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == "tiny":  # a few seconds on one CPU core; used by the tests
     c.model.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
                    head_dim=16, max_position_embeddings=64)
-    c.batch_size = 4
+    c.batch_size = 8  # divisible by the 8 simulated devices of the tests
     c.stages[0].update(length=32, steps=20, lr=3e-3, warmup_steps=2)
     c.log_every = 5
     c.checkpoint_every = 5

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import gzip
 import json
 import math
 import os
@@ -330,48 +329,16 @@ def jit_train_step(step: Callable, mesh, state_sh: TrainState) -> Callable:
 # Data.
 
 
-def _builtin_documents(split: str) -> Iterable[bytes]:
-  path = os.path.join(os.path.dirname(__file__), "assets", "corpus", f"{split}.jsonl.gz")
-  if not os.path.exists(path):
-    raise TrainError(f"built-in corpus split {split!r} not found at {path}")
-  with gzip.open(path, "rt", encoding="utf-8") as f:
-    for line in f:
-      yield json.loads(line)["text"].encode("utf-8")
-
-
 def load_documents(data_cfg) -> tuple[list, dict]:
-  """Token lists of every document of `data_cfg.source`, and the tokenizer's {bos, eos, separator}."""
+  """Token arrays of every document of `data_cfg.source` (lrjax.data) and the bookends {bos, eos, separator}
+  that lrjax.packing puts around each (see its docstring: the tokenizer's BOS/EOS, else the separator)."""
+  from lrjax import data as data_lib
+  from lrjax import tokenizers
   d = _to_dict(data_cfg)
-  source, tokenizer = str(d["source"]), str(d.get("tokenizer", "byte"))
-  try:
-    from lrjax import data as data_lib  # the data engineer's loader, when present
-  except ImportError:
-    data_lib = None
-  if data_lib is not None and hasattr(data_lib, "tokenized_documents"):
-    from lrjax import tokenizers
-    try:
-      tok = tokenizers.load_tokenizer(tokenizer)
-      docs = list(data_lib.tokenized_documents(source, tok))
-    except (ValueError, OSError) as e:
-      raise TrainError(f"data {source!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
-    bos, eos = getattr(tok, "bos_id", None), getattr(tok, "eos_id", None)
-  else:
-    if tokenizer != "byte":
-      raise TrainError(f"tokenizer {tokenizer!r} needs lrjax.data; only 'byte' is built in")
-    if source.startswith("builtin:"):
-      raw = _builtin_documents(source.split(":", 1)[1])
-    elif os.path.isfile(source) and source.endswith((".jsonl", ".jsonl.gz")):
-      opener = gzip.open if source.endswith(".gz") else open
-      with opener(source, "rt", encoding="utf-8") as f:
-        raw = [json.loads(line)["text"].encode("utf-8") for line in f if line.strip()]
-    elif os.path.isfile(source):
-      with open(source, "rb") as f:
-        raw = [f.read()]
-    else:
-      raise TrainError(f"data source {source!r} does not exist (expected builtin:<split>, a .jsonl(.gz) file "
-                       "or a text file)")
-    docs = [np.frombuffer(b, np.uint8).astype(np.int32) for b in raw]
-    bos = eos = None
+  source, spec = str(d["source"]), str(d.get("tokenizer", "byte"))
+  tok = tokenizers.load_tokenizer(spec)
+  docs = data_lib.tokenized_documents(source, tok, add_bos=False)  # packing adds the bookends
+  bos, eos = tok.bos_id, tok.eos_id
   separator = d.get("separator", None)
   if separator is None:
     separator = () if eos is not None else (0,)
@@ -448,11 +415,10 @@ class _Preemption:
     self._old = None
 
   def __enter__(self):
-    if jax.process_index() == 0 or True:
-      try:
-        self._old = signal.signal(signal.SIGTERM, self._handle)
-      except ValueError:  # not the main thread
-        self._old = None
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no handler, SIGTERM keeps its default
+      self._old = None
     return self
 
   def _handle(self, signum, frame):
@@ -473,24 +439,35 @@ def _stage_at(stages: Sequence[Stage], step: int) -> tuple[int, int]:
   return len(stages), 0
 
 
-def _initial_params(config, model_cfg, key):
+_ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim", "rope_theta", "partial_rotary_factor", "rms_norm_eps", "tie_word_embeddings")
+
+
+def _initial_params(config, model_cfg: model_lib.ModelConfig, key: jax.Array):
+  """Random parameters, or those of `config.init` (any format lrjax.weights.load reads), whose architecture must
+  equal config.model's (every mismatched field is named)."""
   if not config.init:
     return model_lib.init_params(model_cfg, key)
+  from lrjax import weights
   try:
-    from lrjax import weights
-  except ImportError as e:
-    raise TrainError("config.init needs lrjax.weights to load a model") from e
-  try:
-    loaded = weights.load(config.init)
+    loaded_cfg, params = weights.load(config.init)
   except (ValueError, OSError) as e:
     raise TrainError(f"config.init {config.init!r}: {str(e).splitlines()[0]}") from e
-  params = loaded[1] if isinstance(loaded, tuple) else getattr(loaded, "params", loaded)
-  want = jax.eval_shape(lambda: model_lib.init_params(model_cfg, key))
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(params)):
-    if tuple(a.shape) != tuple(b.shape):
-      raise TrainError(f"config.init {config.init!r} does not fit config.model: "
-                       f"{checkpoint_lib._path_name(path)} is {tuple(b.shape)}, expected {tuple(a.shape)}")
-  return jax.tree.map(lambda a, w: jnp.asarray(a, w.dtype), params, want)
+  diff = [f"{f}={getattr(loaded_cfg, f)!r} (config.model: {getattr(model_cfg, f)!r})" for f in _ARCH_FIELDS
+          if getattr(loaded_cfg, f) != getattr(model_cfg, f)]
+  if diff:
+    raise TrainError(f"config.init {config.init!r} does not match config.model: {'; '.join(diff)}")
+  dtype = jnp.dtype(model_cfg.param_dtype)
+  return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+
+
+def export_hf(directory: str, model_cfg: model_lib.ModelConfig, params, stage: Stage) -> None:
+  """Write params as a Hugging Face LlamaForCausalLM directory; a non-default stage rope goes into config.json
+  with max_position_embeddings = max(the model's, the stage length)."""
+  from lrjax import weights
+  scaling = None if stage.rope.method == "default" else stage.rope
+  cfg = model_cfg.replace(max_position_embeddings=max(model_cfg.max_position_embeddings, stage.length))
+  weights.save_hf(directory, cfg, jax.device_get(params), rope_scaling=scaling, dtype="float32")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, report: Callable[[str], None] = print,
@@ -505,6 +482,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, report: Callable[[
   validate_config(config)
   model_cfg = model_config(config)
   stages = parse_stages(config, model_cfg)
+  if config.get("export_hf") and stages[-1].rope.method == "longrope" and stages[-1].rope.n_hat:
+    raise TrainError(f"export_hf: a Hugging Face config cannot express n_hat={stages[-1].rope.n_hat} of the last "
+                     "stage's factors; export with experiments/convert.py --allow_dropping_n_hat instead")
+  if config.get("export_hf") and os.path.exists(config.export_hf) and os.listdir(config.export_hf):
+    raise TrainError(f"export_hf {config.export_hf!r} exists and is not empty; choose a new directory")
   mesh = sharding_lib.make_mesh(config.mesh)
   for s in stages:
     sharding_lib.validate(mesh, batch=config.batch_size // config.accumulation, length=s.length, config=model_cfg)
@@ -537,6 +519,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, report: Callable[[
   peak = float(config.peak_flops) or (measure_peak_flops() if jax.default_backend() == "cpu" else 0.0)
   total = sum(s.steps for s in stages)
   step = start
+  last_saved = start
   losses = []
   preempted = False
   pbar = None
@@ -611,6 +594,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, report: Callable[[
           pending = (step, metrics, done - 1)
           if step % config.checkpoint_every == 0 or done == stage.steps:
             ckpt.save(step, state, {"stage": stage_index, **it.state()}, config_json, force=True)
+            last_saved = step
         if pending is not None:
           jax.block_until_ready(state)
           finish(pending, time.perf_counter() - t_last)
@@ -620,7 +604,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, report: Callable[[
         stage_index, done = stage_index + 1, 0
       if preemption.requested:
         preempted = True
-        ckpt.save(step, state, data_state, config_json, force=True)
+        if step != last_saved:
+          ckpt.save(step, state, data_state, config_json, force=True)
         report(f"SIGTERM received: saved checkpoint at step {step}; exiting")
   finally:
     ckpt.close()
@@ -628,6 +613,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, report: Callable[[
       log.close()
     if pbar is not None:
       pbar.close()
+  if config.get("export_hf") and not preempted and jax.process_index() == 0:
+    export_hf(config.export_hf, model_cfg, state.params, stages[-1])
+    report(f"exported the final parameters to {config.export_hf} (Hugging Face format)")
   tail = losses[-config.log_every:]
   return {"step": step, "loss": float(np.mean(tail)) if tail else float("nan"),
           "skipped": int(jax.device_get(state.skipped)), "preempted": preempted, "state": state}

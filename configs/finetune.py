@@ -1,0 +1,79 @@
+"""Fine-tuning with extended RoPE: the LongRoPE paper's recipes, and a CPU-sized one on the built-in model.
+
+  python experiments/train.py --config=configs/finetune.py:VARIANT --workdir=DIR \
+      [--config.init=/path/to/hf_model] [--config.stages[0].rope=/path/to/factors.json]
+
+Variants:
+  llama2      LLaMA2-7B: 400 steps at 128k with the 128k factors, then 600 steps at 256k with the 256k factors
+              starting from the 128k result; lr 2e-5 linear decay, global batch 32 (paper §4.1, App. A.2).
+  mistral     Mistral-7B v0.1: 400 steps at 16k, constant lr 1e-6, global batch 64 (YaRN's recipe, which the
+              paper follows for both its 128k and 256k Mistral models; the factor file picks which).
+  tiny        the built-in byte-level model (lrjax/assets/model, window 256) fine-tuned at 8x = 2048 tokens;
+              rope defaults to linear interpolation (PI, factor 8); pass a searched LongRoPE factor file as
+              --config.stages[0].rope=... to fine-tune LongRoPE. About 4 s/step on 2 CPU cores.
+
+`init` and the factor files of the paper variants are placeholders you must point at real files (the run stops
+with one line naming the missing file otherwise). Optimizer settings follow the authors' fine-tuning template:
+Adam (0.9, 0.999), eps 1e-8, no weight decay, gradient clipping 1.0, warmup 20 steps.
+"""
+
+import os
+
+import ml_collections
+
+from configs import pretrain
+
+_BUILTIN_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lrjax", "assets",
+                              "model")
+
+LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                 num_kv_heads=32, head_dim=128, rope_theta=10000.0, max_position_embeddings=4096,
+                 tie_word_embeddings=False, rms_norm_eps=1e-5)
+MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                  num_kv_heads=8, head_dim=128, rope_theta=10000.0, max_position_embeddings=32768,
+                  tie_word_embeddings=False, rms_norm_eps=1e-5)
+
+
+def _stage(length, steps, rope, lr, schedule, warmup=20, rope_factor=1.0):
+  return ml_collections.ConfigDict(dict(length=length, steps=steps, rope=rope, rope_factor=rope_factor, lr=lr,
+                                        schedule=schedule, warmup_steps=warmup, end_lr_ratio=0.0))
+
+
+def _large(c, arch):
+  """Accelerator settings for a 7B model at 16k-256k tokens."""
+  c.model.update(**arch, dtype="bfloat16", param_dtype="float32", attention="blockwise", block_q=2048,
+                 block_k=2048, scan_layers=True, remat="full")
+  c.optimizer.update(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
+  c.loss_chunk = 4096
+  c.data.tokenizer = "/path/to/model/tokenizer.model"  # bookends: the tokenizer's BOS/EOS
+  c.mesh.update(data=1, fsdp=-1, sequence=1, tensor=1)  # add sequence=N with model.attention="ring" for 256k
+  c.checkpoint_every = 50
+  c.peak_flops = 0.0  # set the accelerator's peak (e.g. 989e12 for H100 bf16) to get MFU
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = pretrain.base_config()
+  if arg == "llama2":
+    _large(c, LLAMA2_7B)
+    c.init = "/path/to/Llama-2-7b-hf"
+    c.data.source = "/path/to/redpajama.jsonl"
+    c.batch_size = 32
+    c.accumulation = 4  # microbatches of 8 sequences; raise it if one microbatch does not fit
+    c.stages = [_stage(131072, 400, "/path/to/factors_llama2_128k.json", 2e-5, "linear"),
+                _stage(262144, 600, "/path/to/factors_llama2_256k.json", 2e-5, "linear")]
+  elif arg == "mistral":
+    _large(c, MISTRAL_7B)
+    c.init = "/path/to/Mistral-7B-v0.1"
+    c.data.source = "/path/to/long-data-collections.jsonl"
+    c.batch_size = 64
+    c.accumulation = 8
+    c.stages = [_stage(16384, 400, "/path/to/factors_mistral_128k.json", 1e-6, "constant", warmup=0)]
+  elif arg == "tiny":
+    c.init = _BUILTIN_MODEL
+    c.batch_size = 4
+    c.optimizer.update(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
+    c.stages = [_stage(2048, 200, "linear", 2e-4, "linear", warmup=10, rope_factor=8.0)]
+    c.checkpoint_every = 50
+  else:
+    raise ValueError(f"unknown finetune variant {arg!r}; expected llama2, mistral or tiny")
+  return c
