@@ -123,7 +123,8 @@ def _paper_llama2(c, target):
 def _paper_mistral(c, target):
   _paper_llama2(c, target)
   c.model = c.data.tokenizer = "/path/to/Mistral-7B-v0.1"
-  # Official code: original = sliding_window = 4096 for Mistral v0.1; YaRN seed with β = (128, 2).
+  # Official code: original = sliding_window = 4096 for Mistral v0.1; YaRN seed with β = (128, 2). The paper
+  # disabled sliding-window attention (issue #8); lrjax attends over the whole window anyway.
   c.search.original_length = 4096
   c.search.yarn_beta_fast = 128.0
   c.search.yarn_beta_slow = 2.0
