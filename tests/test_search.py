@@ -553,3 +553,37 @@ def test_experiment_end_to_end(tmp_path, tiny_checkpoint):
   assert summary["num_documents"] == 2 and summary["target_length"] == 128 and summary["compilations"] == 1
   out = _experiment(args + ["--config.resume=True"], tmp_path)
   assert out.returncode == 0 and "0 compilation(s)" in out.stdout, out.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Quality on the built-in model (needs lrjax/assets/model; fails, never skips, when it is missing).
+
+
+def test_search_on_builtin_model_beats_its_best_seed_on_held_out_documents(tmp_path):
+  from lrjax import data, tokenizers, weights
+  assert os.path.isdir(search.BUILTIN_MODEL), (
+      f"built-in model missing at {search.BUILTIN_MODEL}: this quality test needs the committed pretrained model")
+  mc, params = weights.load(search.BUILTIN_MODEL)
+  target = 8 * mc.max_position_embeddings       # 8x the 256-token window
+  tokenizer = tokenizers.load_tokenizer("byte")
+  valid = data.tokenized_documents("builtin:valid", tokenizer, min_tokens=target, max_documents=2)
+  test = data.tokenized_documents("builtin:test", tokenizer, min_tokens=target, max_documents=4)
+  c = search_configs.get_config("tiny")
+  c.progress = False
+  s = c.search
+  s.population, s.mutations, s.crossovers, s.parents, s.iterations = 8, 4, 4, 4, 3
+  s.candidates_per_call, s.doc_batch = 1, 2
+  result = search.run(c, mc, params, valid, str(tmp_path))
+  assert result.fitness < min(result.seed_fitness.values())
+  # Held-out builtin:test windows: the searched setting vs its seeds as the search evaluated them (grid-snapped
+  # factors, n̂ = 0, su temperature) and vs the exact methods with their own attention factors.
+  fitness = search.PerplexityFitness(mc, params, search.truncate_windows(test, target), candidates_per_call=1,
+                                     doc_batch=2)
+  exact = [rope.RopeScaling(method=m, factor=8.0, original_max_position_embeddings=mc.max_position_embeddings)
+           for m in ("linear", "ntk", "yarn")]
+  arrays = ([mc.rope_arrays(result.scaling, seq_len=target)]
+            + [result.plan.rope_arrays(g) for g in result.plan.seeds.values()]
+            + [mc.rope_arrays(scaling, seq_len=target) for scaling in exact])
+  searched, *others = fitness(arrays)
+  names = [f"seed {n}" for n in result.plan.seeds] + ["exact PI", "exact NTK", "exact YaRN"]
+  assert searched < min(others), dict(searched=searched, **dict(zip(names, others)))
