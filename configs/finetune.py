@@ -10,7 +10,8 @@ Variants:
               paper follows for both its 128k and 256k Mistral models; the factor file picks which).
   tiny        the built-in byte-level model (lrjax/assets/model, window 256) fine-tuned at 8x = 2048 tokens;
               rope defaults to linear interpolation (PI, factor 8); pass a searched LongRoPE factor file as
-              --config.stages[0].rope=... to fine-tune LongRoPE. About 4 s/step on 2 CPU cores.
+              --config.stages[0].rope=... to fine-tune LongRoPE. About 10-25 s/step on 2 shared CPU
+              cores (200 steps: about an hour).
 
 `init` and the factor files of the paper variants are placeholders you must point at real files (the run stops
 with one line naming the missing file otherwise). Optimizer settings follow the authors' fine-tuning template:

@@ -403,6 +403,34 @@ class MetricsLog:
     self._tb.close()
 
 
+def plot_metrics(workdir: str) -> str:
+  """workdir/loss.png: training loss (bits/token) against step from metrics.csv, stage starts marked."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  with open(os.path.join(workdir, "metrics.csv"), newline="") as f:
+    rows = list(csv.DictReader(f))
+  steps = np.array([int(r["step"]) for r in rows])
+  loss = np.array([float(r["loss"]) for r in rows]) / math.log(2)
+  stage = np.array([int(r["stage"]) for r in rows])
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ax.plot(steps, loss, lw=0.8, alpha=0.5, label="per step")
+  if len(loss) >= 20:
+    k = max(len(loss) // 50, 5)
+    ax.plot(steps[k - 1:], np.convolve(loss, np.ones(k) / k, mode="valid"), lw=1.5, label=f"mean of {k}")
+  for i in np.flatnonzero(np.diff(stage)) + 1:
+    ax.axvline(steps[i], color="gray", ls="--", lw=0.8)
+  ax.set_xlabel("step")
+  ax.set_ylabel("training loss (bits/token)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  path = os.path.join(workdir, "loss.png")
+  fig.savefig(path + ".tmp.png", dpi=120, bbox_inches="tight")
+  plt.close(fig)
+  os.replace(path + ".tmp.png", path)
+  return path
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The loop.
 
@@ -613,6 +641,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, report: Callable[[
       log.close()
     if pbar is not None:
       pbar.close()
+  if log is not None and losses:
+    plot_metrics(workdir)
   if config.get("export_hf") and not preempted and jax.process_index() == 0:
     export_hf(config.export_hf, model_cfg, state.params, stages[-1])
     report(f"exported the final parameters to {config.export_hf} (Hugging Face format)")

@@ -125,6 +125,24 @@ def test_eight_device_step_equals_one_device(step_setup):
     np.testing.assert_allclose(a - p, b - p, atol=1e-7)
 
 
+def test_remat_and_bf16_compute(step_setup):
+  params, rope, _, batch, _, metrics = step_setup
+  sgd = optax.sgd(1.0)
+  base, _ = _step_on(_one_device_mesh(), SMALL, params, batch, rope, sgd)
+  # Rematerialisation recomputes activations: the same gradient.
+  remat, m_remat = _step_on(_one_device_mesh(), SMALL.replace(remat="full"), params, batch, rope, sgd)
+  np.testing.assert_allclose(m_remat["loss"], metrics["loss"], rtol=1e-6)
+  for a, b, p in zip(jax.tree.leaves(remat.params), jax.tree.leaves(base.params), jax.tree.leaves(params)):
+    np.testing.assert_allclose(a - p, b - p, atol=1e-7)
+  # bf16 compute, f32 master weights: params and updates stay f32, the loss is close to the f32 loss.
+  bf16, m_bf16 = _step_on(_one_device_mesh(), SMALL.replace(dtype="bfloat16"), params, batch, rope, sgd)
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(bf16.params))
+  np.testing.assert_allclose(m_bf16["loss"], metrics["loss"], rtol=1e-2)
+  g32 = np.concatenate([(b - p).ravel() for b, p in zip(jax.tree.leaves(base.params), jax.tree.leaves(params))])
+  g16 = np.concatenate([(b - p).ravel() for b, p in zip(jax.tree.leaves(bf16.params), jax.tree.leaves(params))])
+  assert np.dot(g16, g32) / (np.linalg.norm(g16) * np.linalg.norm(g32)) > 0.99
+
+
 def test_schedules():
   warm = train.learning_rate_schedule(_stage(lr=1.0, steps=10, warmup_steps=4, schedule="linear",
                                              end_lr_ratio=0.1))
@@ -188,6 +206,8 @@ def test_loss_falls_and_metrics_files(tiny_run):
   assert sorted(by_step) == list(range(1, STEPS + 1))
   np.testing.assert_allclose(by_step[STEPS]["train/loss"], losses[-1], rtol=1e-6)
   assert "perf/mfu" in by_step[STEPS] and "train/lr" in by_step[STEPS]
+  with open(os.path.join(workdir, "loss.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_crc32c_check_value():
