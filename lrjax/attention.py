@@ -161,13 +161,45 @@ def _block_class(q_pos_blk, k_pos_blk, k_valid_blk, causal):
 
 
 def flash_forward(q, k, v, q_pos, k_pos, *, causal: bool = True, block_q: int = 512, block_k: int = 512,
-                  scale: float | None = None):
+                  scale: float | None = None, head_loop: bool | None = None):
   """Blockwise attention forward.
 
-  Args: q [b,t,n,h]; k, v [b,s,k,h]; q_pos i32[b,t]; k_pos i32[b,s].
+  Args: q [b,t,n,h]; k, v [b,s,k,h]; q_pos i32[b,t]; k_pos i32[b,s] (a batch of 1 is shared by all rows).
+    head_loop: process one (batch row, key/value head) at a time, so each block step works on a
+      [g*bq, bk] tile that stays in a CPU core's cache, instead of batching every head into each step (which
+      accelerators want: one step = one large batched matmul). None: on for the CPU backend.
   Returns: out [b,t,n,h] (q.dtype) and lse f32[b,t,n], the log-sum-exp of each query's scaled logits
     (-inf for a query that sees no key; its output is 0).
   """
+  b, t, n, h = q.shape
+  s, kv_heads = k.shape[1], k.shape[2]
+  _split_heads(q, kv_heads)
+  if head_loop is None:
+    head_loop = jax.default_backend() == "cpu"
+  kw = dict(causal=causal, block_q=block_q, block_k=block_k, scale=scale)
+  if not head_loop or b * kv_heads == 1:
+    return _flash_forward_batched(q, k, v, q_pos, k_pos, **kw)
+  g = n // kv_heads
+  # [b*k] independent problems of g query heads against one key/value head each; O(t) transposes.
+  qs = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 1, 3, 4).reshape(b * kv_heads, 1, t, g, h)
+  ks = k.transpose(0, 2, 1, 3).reshape(b * kv_heads, 1, s, 1, h)
+  vs = v.transpose(0, 2, 1, 3).reshape(b * kv_heads, 1, s, 1, h)
+  row = jnp.arange(b * kv_heads) // kv_heads
+  qp = jnp.asarray(q_pos)[row if q_pos.shape[0] > 1 else jnp.zeros_like(row)]
+  kp = jnp.asarray(k_pos)[row if k_pos.shape[0] > 1 else jnp.zeros_like(row)]
+
+  def one_head(args):
+    qi, ki, vi, qpi, kpi = args
+    return _flash_forward_batched(qi, ki, vi, qpi[None], kpi[None], **kw)
+
+  out, lse = lax.map(one_head, (qs, ks, vs, qp, kp))  # [b*k, 1, t, g, h], [b*k, 1, t, g]
+  out = out.reshape(b, kv_heads, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
+  lse = lse.reshape(b, kv_heads, t, g).transpose(0, 2, 1, 3).reshape(b, t, n)
+  return out, lse
+
+
+def _flash_forward_batched(q, k, v, q_pos, k_pos, *, causal, block_q, block_k, scale):
+  """flash_forward with every (batch, head) in each block step: blocks [b, k, g*bq, bk]."""
   b, t, n, h = q.shape
   s, kv_heads = k.shape[1], k.shape[2]
   _split_heads(q, kv_heads)  # validates the head ratio
