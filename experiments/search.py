@@ -4,7 +4,10 @@ Writes factors.json (lrjax format), factors.csv (official LongRoPE form), rope_s
 summary.json, factors.png and fitness.png into DIR; --config.resume=True continues an interrupted search.
 """
 
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app
 from absl import flags
