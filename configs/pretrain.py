@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.batch_size = 8  # divisible by the 8 simulated devices of the tests
     c.stages[0].update(length=32, steps=20, lr=3e-3, warmup_steps=2)
     c.log_every = 5
-    c.checkpoint_every = 5
+    c.checkpoint_every = 10
     c.peak_flops = 1e9
     return c
   raise ValueError(f"unknown pretrain config variant {arg!r}; expected '' or 'tiny'")

@@ -206,17 +206,19 @@ def learning_rate_schedule(stage: Stage) -> optax.Schedule:
   decay = max(total - warm, 1)
 
   def schedule(count):
-    count = jnp.asarray(count, jnp.float32)
-    frac = jnp.clip((count - warm) / decay, 0.0, 1.0)
+    # numpy for a host-side int (logging: no device dispatch), jnp when optax traces it
+    xp = np if isinstance(count, (int, np.integer)) else jnp
+    count = xp.asarray(count, xp.float32)
+    frac = xp.clip((count - warm) / decay, 0.0, 1.0)
     if stage.schedule == "constant":
-      main = lr
+      main = xp.asarray(lr, xp.float32)
     elif stage.schedule == "linear":
       main = lr * (1.0 - (1.0 - end) * frac)
     else:
-      main = lr * (end + (1.0 - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac)))
+      main = lr * (end + (1.0 - end) * 0.5 * (1.0 + xp.cos(xp.pi * frac)))
     if warm:
-      return jnp.where(count < warm, lr * (count + 1.0) / warm, main)
-    return jnp.asarray(main, jnp.float32)
+      return xp.where(count < warm, lr * (count + 1.0) / warm, main).astype(xp.float32)
+    return xp.asarray(main, xp.float32)
 
   return schedule
 

@@ -85,6 +85,13 @@ def step_setup():
   return params, rope, optimizer, batch, new, metrics
 
 
+@pytest.fixture(scope="module")
+def sgd_base(step_setup):
+  """One plain-SGD step (lr 1) on one device: its update is minus the gradient itself."""
+  params, rope, _, batch, _, metrics = step_setup
+  return _step_on(_one_device_mesh(), SMALL, params, batch, rope, optax.sgd(1.0))
+
+
 def test_step_loss_equals_reference(step_setup):
   params, rope, _, batch, _, metrics = step_setup
   logits = np.asarray(model_lib.logits(SMALL, params, batch["inputs"][0], batch["positions"][0], rope),
@@ -97,11 +104,11 @@ def test_step_loss_equals_reference(step_setup):
   assert metrics["tokens"] == w.sum() and metrics["finite"]
 
 
-def test_gradient_accumulation_equals_full_batch(step_setup):
+def test_gradient_accumulation_equals_full_batch(step_setup, sgd_base):
   params, rope, optimizer, batch, new, metrics = step_setup
   # Plain SGD with lr 1 makes the update the gradient itself (Adam's first step is ~sign(g), too sensitive).
   sgd = optax.sgd(1.0)
-  full, metrics1 = _step_on(_one_device_mesh(), SMALL, params, batch, rope, sgd)
+  full, metrics1 = sgd_base
   split = {k: v.reshape(2, 2, *v.shape[2:]) for k, v in batch.items()}  # 2 microbatches of 2
   new2, metrics2 = _step_on(_one_device_mesh(), SMALL, params, split, rope, sgd)
   np.testing.assert_allclose(metrics2["loss"], metrics1["loss"], rtol=1e-6)
@@ -110,7 +117,7 @@ def test_gradient_accumulation_equals_full_batch(step_setup):
     np.testing.assert_allclose(a - p, b - p, atol=1e-7)
 
 
-def test_eight_device_step_equals_one_device(step_setup):
+def test_eight_device_step_equals_one_device(step_setup, sgd_base):
   params, rope, optimizer, batch, new, metrics = step_setup
   mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   new8, metrics8 = _step_on(mesh, SMALL, params, batch, rope, optimizer)
@@ -118,17 +125,16 @@ def test_eight_device_step_equals_one_device(step_setup):
   for a, b in zip(jax.tree.leaves(new8), jax.tree.leaves(new)):  # params, Adam moments, step, rng
     np.testing.assert_allclose(a, b, atol=1e-5)
   # The gradient itself (SGD with lr 1), much tighter.
-  sgd = optax.sgd(1.0)
-  one, _ = _step_on(_one_device_mesh(), SMALL, params, batch, rope, sgd)
-  eight, _ = _step_on(mesh, SMALL, params, batch, rope, sgd)
+  one, _ = sgd_base
+  eight, _ = _step_on(mesh, SMALL, params, batch, rope, optax.sgd(1.0))
   for a, b, p in zip(jax.tree.leaves(eight.params), jax.tree.leaves(one.params), jax.tree.leaves(params)):
     np.testing.assert_allclose(a - p, b - p, atol=1e-7)
 
 
-def test_remat_and_bf16_compute(step_setup):
+def test_remat_and_bf16_compute(step_setup, sgd_base):
   params, rope, _, batch, _, metrics = step_setup
   sgd = optax.sgd(1.0)
-  base, _ = _step_on(_one_device_mesh(), SMALL, params, batch, rope, sgd)
+  base, _ = sgd_base
   # Rematerialisation recomputes activations: the same gradient.
   remat, m_remat = _step_on(_one_device_mesh(), SMALL.replace(remat="full"), params, batch, rope, sgd)
   np.testing.assert_allclose(m_remat["loss"], metrics["loss"], rtol=1e-6)
@@ -163,7 +169,7 @@ def test_flops_formula_by_hand():
 # ----------------------------------------------------------------------------------------------------------
 # The loop (tiny config on the built-in corpus, 8 simulated devices).
 
-STEPS = 30
+STEPS = 20
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +232,7 @@ def test_nan_guard_skip_and_stop(tmp_path):
   for a, b in zip(jax.tree.leaves(jax.device_get(out["state"].params)), jax.tree.leaves(init)):
     np.testing.assert_array_equal(a, b)  # params untouched
   c.nan_policy = "stop"
+  c.stages[0].steps = 1
   with pytest.raises(train.NonFiniteError, match=r"^step 1: non-finite .*stopping"):
     train.train(c, str(tmp_path / "stop"), report=lambda _: None, progress=False)
 
@@ -349,19 +356,26 @@ def test_kill9_then_resume_gives_identical_losses(tiny_run, tmp_path):
   assert losses == reference  # bitwise: the CSV holds repr(float)
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_and_stops_cleanly(tmp_path):
+  # In this process (the loop's handler runs on the main thread): SIGTERM once the first checkpoint exists.
+  import threading
   workdir = str(tmp_path)
-  proc = subprocess.Popen(_script(workdir, steps=100000), cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  _wait_for(os.path.join(workdir, "checkpoints", "5"), proc)
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, out
-  assert "SIGTERM received: saved checkpoint at step" in out
-  step = int(out.split("saved checkpoint at step ")[1].split(";")[0])
+
+  def send():
+    while not os.path.exists(os.path.join(workdir, "checkpoints", "10")):
+      time.sleep(0.02)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  before = signal.getsignal(signal.SIGTERM)
+  threading.Thread(target=send, daemon=True).start()
+  lines = []
+  out = train.train(_tiny_config(steps=100000), workdir, report=lines.append, progress=False)
+  assert out["preempted"] and 10 <= out["step"] < 100000
+  assert lines[-1] == f"SIGTERM received: saved checkpoint at step {out['step']}; exiting"
   ck = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  assert ck.all_steps()[-1] == step
+  assert ck.all_steps()[-1] == out["step"]
   ck.close()
+  assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
 
 
 def test_script_bad_input_prints_one_line(tmp_path):
