@@ -1,6 +1,6 @@
 """Train-step throughput: lrjax (jitted, donated AdamW step) vs transformers + torch AdamW, same model and batch.
 
-  python benchmarks/train_throughput.py [--batch 32] [--length 256] [--steps 5] [--rounds 3]
+  python benchmarks/train_throughput.py [--batch 32] [--length 256] [--steps 5] [--rounds 3] [--quick]
 
 Model: the built-in model's architecture (configs/pretrain.py: d_model 256, 4 layers, 4 query / 2 kv heads,
 head_dim 64, d_ff 768, vocab 256), batch 32 x 256 tokens, f32 on CPU. Both sides run one full optimizer step
@@ -107,7 +107,10 @@ def main():
   p.add_argument("--steps", type=int, default=5, help="steps per timing round")
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--variants", default="xla/scan,xla/unrolled,blockwise/scan,reference/scan")
+  p.add_argument("--quick", action="store_true", help="smoke run: batch 8, 1 step x 1 round, xla/scan only")
   args = p.parse_args()
+  if args.quick:
+    args.batch, args.steps, args.rounds, args.variants = 8, 1, 1, "xla/scan"
   import torch
   print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs; batch {args.batch} x {args.length}")

@@ -13,8 +13,9 @@ Variants:
               --config.stages[0].rope=... to fine-tune LongRoPE. About 10-25 s/step on 2 shared CPU
               cores (200 steps: about an hour).
 
-`init` and the factor files of the paper variants are placeholders you must point at real files (the run stops
-with one line naming the missing file otherwise). Optimizer settings follow the authors' fine-tuning template:
+`init`, the data source and the tokenizer of the paper variants are placeholders you must point at real files
+(the run stops with one line naming the missing file otherwise). llama2 uses the published fine-tuning factor
+tables in configs/factors (s = stage length / 4096 sets the temperature); mistral needs your searched factors. Optimizer settings follow the authors' fine-tuning template:
 Adam (0.9, 0.999), eps 1e-8, no weight decay, gradient clipping 1.0, warmup 20 steps.
 """
 
@@ -24,8 +25,9 @@ import ml_collections
 
 from configs import pretrain
 
-_BUILTIN_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lrjax", "assets",
-                              "model")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_BUILTIN_MODEL = os.path.join(_ROOT, "lrjax", "assets", "model")
+_FACTORS = os.path.join(_ROOT, "configs", "factors")
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
                  num_kv_heads=32, head_dim=128, rope_theta=10000.0, max_position_embeddings=4096,
@@ -60,8 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.source = "/path/to/redpajama.jsonl"
     c.batch_size = 32
     c.accumulation = 4  # microbatches of 8 sequences; raise it if one microbatch does not fit
-    c.stages = [_stage(131072, 400, "/path/to/factors_llama2_128k.json", 2e-5, "linear"),
-                _stage(262144, 600, "/path/to/factors_llama2_256k.json", 2e-5, "linear")]
+    c.stages = [_stage(131072, 400, os.path.join(_FACTORS, "llama2_7b_ft_128k.csv"), 2e-5, "linear"),
+                _stage(262144, 600, os.path.join(_FACTORS, "llama2_7b_ft_256k.csv"), 2e-5, "linear")]
   elif arg == "mistral":
     _large(c, MISTRAL_7B)
     c.init = "/path/to/Mistral-7B-v0.1"

@@ -125,6 +125,7 @@ def model_config(config) -> model_lib.ModelConfig:
 
 def stage_rope(stage_cfg: dict, model_cfg: model_lib.ModelConfig) -> rope_lib.RopeScaling:
   """A stage's RopeScaling: a method name (with rope_factor) or a factor file path (lrjax.factors)."""
+  length = int(stage_cfg["length"]) if "length" in stage_cfg else None
   name = str(stage_cfg.get("rope", "default"))
   if name in rope_lib.METHODS and name != "longrope":
     if name == "default":
@@ -141,8 +142,13 @@ def stage_rope(stage_cfg: dict, model_cfg: model_lib.ModelConfig) -> rope_lib.Ro
     scaling = factors.load(name, n_layers=model_cfg.num_layers, rotary_dim=model_cfg.rotary_dim)
   except ValueError as e:
     raise TrainError(str(e).splitlines()[0]) from e
-  if scaling.method == "longrope" and scaling.original_max_position_embeddings is None:
-    scaling = scaling.replace(original_max_position_embeddings=model_cfg.max_position_embeddings)
+  if scaling.method == "longrope":
+    # A bare factor table (official CSV) says neither L nor s: L is the model's window, s = stage length / L
+    # (the extension ratio sets the attention temperature).
+    if scaling.original_max_position_embeddings is None:
+      scaling = scaling.replace(original_max_position_embeddings=model_cfg.max_position_embeddings)
+    if scaling.factor is None and length is not None:
+      scaling = scaling.replace(factor=max(length / scaling.original_max_position_embeddings, 1.0))
   return scaling
 
 
@@ -558,7 +564,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, report: Callable[[
     pbar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
 
   try:
-    with _Preemption() as preemption:
+    with _Preemption() as preemption, sharding_lib.mesh_context(mesh):
       stage_index, done = _stage_at(stages, start)
       while stage_index < len(stages) and not preemption.requested:
         stage = stages[stage_index]
@@ -575,9 +581,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, report: Callable[[
                                    state=None if data_state is None else
                                    {k: data_state[k] for k in ("epoch", "position")})
         rope = jax.tree.map(jnp.asarray, model_cfg.rope_arrays(stage.rope, seq_len=stage.length))
-        with sharding_lib.mesh_context(mesh):
-          step_fn = jit_train_step(make_train_step(model_cfg, optimizer, loss_chunk=config.loss_chunk), mesh,
-                                   state_sh)
+        step_fn = jit_train_step(make_train_step(model_cfg, optimizer, loss_chunk=config.loss_chunk), mesh,
+                                 state_sh)
         report(f"stage {stage_index}: {stage.steps} steps at length {stage.length}, rope {stage.rope_name}"
                f" ({stage.rope.method}), lr {stage.lr:g} {stage.schedule}, from step {done}")
         fpt = flops_per_token(model_cfg, stage.length)
