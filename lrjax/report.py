@@ -126,6 +126,10 @@ def line_plot(path: str | os.PathLike, series: Mapping[str, tuple[Sequence[float
       ax.set_xscale("log", base=2 if logx is True else logx)
     if logy:
       ax.set_yscale("log")
+      # Plain numbers (20, 30, 100) rather than 2x10^1: perplexities are read off these labels.
+      ax.yaxis.set_major_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))
+      ax.yaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False,
+                                                                  minor_thresholds=(2, 0.4)))
     if xticks is not None:
       ax.set_xticks(list(xticks))
       ax.set_xticklabels([_short_number(x) for x in xticks])
