@@ -5,7 +5,9 @@ Both sides compute the summed next-token NLL of a batch of windows, forward only
   transformers: LlamaForCausalLM(attn_implementation="sdpa") under torch.no_grad, logits + cross-entropy
 The random lrjax parameters are copied into the torch model, and the two NLLs are checked to agree before
 timing. Runs alternate (lrjax, torch, lrjax, torch, ...) so load from other processes hits both alike; the
-first call of each is warm-up and excluded; the figure is the median.
+first call of each is warm-up and excluded; the figure is the median. Both use every core (XLA's CPU backend
+always does; torch is set to os.cpu_count() threads). Process CPU seconds are printed beside wall time: when
+they are about equal on a multi-core machine, other jobs were holding the other cores.
 
   python benchmarks/eval_throughput.py                  # both shapes
   python benchmarks/eval_throughput.py --shapes=a --runs=7 --threads=2
@@ -26,7 +28,8 @@ def _parse():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--shapes", default="a,b", help="comma list of a, b")
   p.add_argument("--runs", type=int, default=5, help="timed runs of each side (after one warm-up)")
-  p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both jax and torch")
+  p.add_argument("--threads", type=int, default=os.cpu_count(),
+                 help="torch threads; keep the default (all cores), which is what XLA's CPU backend uses")
   p.add_argument("--attention", default=None, help="override lrjax attention implementation")
   p.add_argument("--block_q", type=int, default=None)
   p.add_argument("--block_k", type=int, default=None)
