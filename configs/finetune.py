@@ -8,6 +8,8 @@ Variants:
               starting from the 128k result; lr 2e-5 linear decay, global batch 32 (paper §4.1, App. A.2).
   mistral     Mistral-7B v0.1: 400 steps at 16k, constant lr 1e-6, global batch 64 (YaRN's recipe, which the
               paper follows for both its 128k and 256k Mistral models; the factor file picks which).
+  llama2_v5p, mistral_v5p   the same recipes laid out for a TPU v5p-128 slice (64 chips, 95 GB HBM each)
+              instead of 8 x H100 (80 GB): data=8 x sequence=8 (LLaMA2) or data=8 x fsdp=8 (Mistral).
   tiny        the built-in byte-level model (lrjax/assets/model, window 256) fine-tuned at 8x = 2048 tokens;
               rope defaults to linear interpolation (PI, factor 8); pass a searched LongRoPE factor file as
               --config.stages[0].rope=... to fine-tune LongRoPE. About 10-25 s/step on 2 shared CPU
@@ -17,6 +19,11 @@ Variants:
 (the run stops with one line naming the missing file otherwise). llama2 uses the published fine-tuning factor
 tables in configs/factors (s = stage length / 4096 sets the temperature); mistral needs your searched factors. Optimizer settings follow the authors' fine-tuning template:
 Adam (0.9, 0.999), eps 1e-8, no weight decay, gradient clipping 1.0, warmup 20 steps.
+
+Paper variants carry their hardware: `mesh` and `device_memory_gb`. `--config.dry_run=True` compiles every
+stage's sharded step on simulated CPU devices with abstract weights (no checkpoint, no data), prints the
+per-device memory and FLOPs, and fails with one line when a layout does not fit (lrjax.dryrun). A pod layout
+is checked on an 8-device slice of its data axis, whose per-device program is identical.
 """
 
 import os
@@ -49,7 +56,9 @@ def _large(c, arch):
   c.optimizer.update(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
   c.loss_chunk = 4096
   c.data.tokenizer = "/path/to/model/tokenizer.model"  # bookends: the tokenizer's BOS/EOS
-  c.mesh.update(data=1, fsdp=-1, sequence=1, tensor=1)  # add sequence=N with model.attention="ring" for 256k
+  c.mesh.update(data=1, fsdp=-1, sequence=1, tensor=1)
+  c.dry_run = False
+  c.device_memory_gb = 80.0  # H100/H200-80GB class (0 = no fit check)
   c.checkpoint_every = 50
   c.peak_flops = 0.0  # set the accelerator's peak (e.g. 989e12 for H100 bf16) to get MFU
 
@@ -60,17 +69,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     _large(c, LLAMA2_7B)
     c.init = "/path/to/Llama-2-7b-hf"
     c.data.source = "/path/to/redpajama.jsonl"
+    # 8 x H100: the 128k/256k sequence split over all 8 GPUs (ring attention); weights sharded ZeRO-style
+    # over the same 8 (lrjax.sharding's embed rule); one sequence per microbatch.
+    c.model.attention = "ring"
+    c.mesh.update(data=1, fsdp=1, sequence=8, tensor=1)
     c.batch_size = 32
-    c.accumulation = 4  # microbatches of 8 sequences; raise it if one microbatch does not fit
+    c.accumulation = 32
     c.stages = [_stage(131072, 400, os.path.join(_FACTORS, "llama2_7b_ft_128k.csv"), 2e-5, "linear"),
                 _stage(262144, 600, os.path.join(_FACTORS, "llama2_7b_ft_256k.csv"), 2e-5, "linear")]
   elif arg == "mistral":
     _large(c, MISTRAL_7B)
     c.init = "/path/to/Mistral-7B-v0.1"
     c.data.source = "/path/to/long-data-collections.jsonl"
+    c.mesh.update(data=1, fsdp=8, sequence=1, tensor=1)  # 8 x H100, 16k tokens fit one GPU's attention
     c.batch_size = 64
     c.accumulation = 8
     c.stages = [_stage(16384, 400, "/path/to/factors_mistral_128k.json", 1e-6, "constant", warmup=0)]
+  elif arg == "llama2_v5p":
+    c = get_config("llama2")
+    c.mesh.update(data=8, fsdp=1, sequence=8, tensor=1)
+    c.accumulation = 4  # 8 sequences per microbatch, one per data replica
+    c.device_memory_gb = 95.0
+  elif arg == "mistral_v5p":
+    c = get_config("mistral")
+    c.mesh.update(data=8, fsdp=8, sequence=1, tensor=1)
+    c.accumulation = 1
+    c.device_memory_gb = 95.0
   elif arg == "tiny":
     c.init = _BUILTIN_MODEL
     c.batch_size = 4
@@ -78,5 +102,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stages = [_stage(2048, 200, "linear", 2e-4, "linear", warmup=10, rope_factor=8.0)]
     c.checkpoint_every = 50
   else:
-    raise ValueError(f"unknown finetune variant {arg!r}; expected llama2, mistral or tiny")
+    raise ValueError(f"unknown finetune variant {arg!r}; expected llama2, llama2_v5p, mistral, mistral_v5p or tiny")
   return c

@@ -27,20 +27,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.search.search.population, c.search.search.iterations = 24, 8
   c.search.search.mutations, c.search.search.crossovers, c.search.search.parents = 8, 8, 12
   c.second = search_configs.get_config("tiny_second")
-  c.second.search.population, c.second.search.iterations = 8, 3
-  c.second.search.mutations, c.second.search.crossovers, c.second.search.parents = 3, 3, 4
+  c.second.search.population, c.second.search.iterations = 6, 2
+  c.second.search.mutations, c.second.search.crossovers, c.second.search.parents = 2, 2, 3
   c.second.search.candidates_per_call = 2
   c.second.search.doc_batch = 1
   c.second.data.num_documents = 2
   c.recovery = search_configs.get_config("tiny_short")
-  c.recovery.search.population, c.recovery.search.iterations = 16, 5
+  c.recovery.search.population, c.recovery.search.iterations = 12, 4
+  c.recovery.search.mutations, c.recovery.search.crossovers, c.recovery.search.parents = 4, 4, 6
 
   c.finetune = finetune_configs.get_config("tiny")
-  c.finetune.stages[0].steps = 150
+  c.finetune.stages[0].steps = 100
   c.finetune.checkpoint_every = 50
 
   c.evaluate = evaluate_configs.get_config()
   c.evaluate.num_documents = 8
+  c.evaluate.min_tokens = 16384    # the same 8 documents at every length, 64x included
   c.evaluate.progress = False
 
   c.passkey = ml_collections.ConfigDict(dict(lengths=(256, 512, 1024, 2048), samples=10, seed=42,
@@ -58,7 +60,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.recovery.short_lengths = (256,)
     c.finetune.stages[0].steps = 2
     c.finetune.stages[0].warmup_steps = 1
-    c.finetune.batch_size = 1
+    c.finetune.batch_size = 8  # divisible by the 8 simulated devices of the tests
     c.finetune.checkpoint_every = 2
     c.finetune.peak_flops = 1e9
     c.evaluate.num_documents = 1

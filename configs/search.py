@@ -24,6 +24,7 @@ The paper's Table 4 uses [1, 1.25·s] (the default); the official code uses [1, 
 
 import ml_collections
 
+from configs import finetune
 from lrjax.search import PAPER_N_HAT_CHOICES
 
 
@@ -40,6 +41,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.base_factors = ""             # second: fine-tuned factors (JSON or CSV); short: the long factors
   c.base_length = 0               # second: fine-tuning length; short: the long target (HF max_position_embeddings)
   c.short_lengths = ()            # short: lengths to search (each its own bucket)
+  # Hardware of a paper-scale run, read by --config.dry_run=True (lrjax.dryrun): compiles the fitness program
+  # with abstract weights on simulated devices laid out as `mesh`, prints per-device memory and FLOPs, and
+  # fails when it exceeds device_memory_gb.
+  c.dry_run = False
+  c.layout = ml_collections.ConfigDict(dict(
+      model=ml_collections.ConfigDict(),  # architecture (ModelConfig fields), e.g. configs.finetune.LLAMA2_7B
+      mesh=ml_collections.ConfigDict(dict(data=1, fsdp=1, sequence=1, tensor=1)),
+      device_memory_gb=0.0))
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "builtin:valid"
@@ -109,8 +118,12 @@ def _tiny(c):
 def _paper_llama2(c, target):
   c.model = "/path/to/Llama-2-7b-hf"
   c.dtype = "bfloat16"
-  c.attention = "xla"
+  c.attention = "ring"            # each document split over the sequence axis; blockwise attention per step
   c.block_q = c.block_k = 2048
+  # 8 x H100 (80 GB): every document's tokens split over the 8 GPUs, weights sharded alike.
+  c.layout.model = ml_collections.ConfigDict(finetune.LLAMA2_7B)
+  c.layout.mesh.update(data=1, fsdp=1, sequence=8, tensor=1)
+  c.layout.device_memory_gb = 80.0
   # 5 PG19 validation books of >= target tokens (TFDS pg19 prepared under data_dir).
   c.data.source = "tfds:pg19?split=validation&field=book_text&data_dir=/path/to/tensorflow_datasets"
   c.data.tokenizer = c.model
@@ -128,6 +141,7 @@ def _paper_mistral(c, target):
   c.search.original_length = 4096
   c.search.yarn_beta_fast = 128.0
   c.search.yarn_beta_slow = 2.0
+  c.layout.model = ml_collections.ConfigDict(finetune.MISTRAL_7B)
   return c
 
 

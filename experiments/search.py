@@ -22,6 +22,11 @@ _WORKDIR = flags.DEFINE_string("workdir", "", "output directory (holds the resum
 def main(argv):
   del argv
   try:
+    if _CONFIG.value.dry_run:  # compile the fitness program on config.layout; no weights, no data
+      from lrjax import dryrun
+      search.validate_config(_CONFIG.value)
+      print(dryrun.search_main(_CONFIG.value))
+      return
     result = search.main(_CONFIG.value, _WORKDIR.value)
   except ValueError as e:  # SearchError, FactorFileError, RopeError, ...: one clear line
     print(f"error: {e}", file=sys.stderr)

@@ -1,6 +1,8 @@
 """Train or fine-tune: `python experiments/train.py --config=configs/pretrain.py --workdir=DIR`.
 
 Resumes from DIR/checkpoints when it holds one. Bad input prints one line and exits 1.
+With --config.dry_run=True it compiles every stage's sharded step on simulated devices instead (no weights, no
+data) and prints per-device memory and FLOPs; a layout that does not fit config.device_memory_gb fails.
 """
 
 import os
@@ -16,13 +18,19 @@ from lrjax import train
 config_flags.DEFINE_config_file("config", None, "a configs/*.py file (optionally file.py:variant)",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints, metrics.csv and TensorBoard events go here")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
+    if flags.FLAGS.config.get("dry_run"):
+      from lrjax import dryrun
+      print(dryrun.train_main(flags.FLAGS.config))
+      return
+    if not flags.FLAGS.workdir:
+      raise train.TrainError("--workdir is required")
     out = train.train(flags.FLAGS.config, flags.FLAGS.workdir)
   except ValueError as e:
     print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)

@@ -849,6 +849,7 @@ def make_plan(search_config, model_config, *, target_length: int, stage: str = "
 CONFIG_KEYS = {
     "stage": None, "model": None, "dtype": None, "attention": None, "block_q": None, "block_k": None,
     "resume": None, "progress": None, "base_factors": None, "base_length": None, "short_lengths": None,
+    "dry_run": None, "layout": None,
     "data": ("source", "tokenizer", "num_documents", "fitness", "needle_seed"),
     "search": ("target_length", "original_length", "population", "mutations", "crossovers", "parents",
                "mutation_prob", "iterations", "crossover_tries", "max_tries", "early_stop_patience",

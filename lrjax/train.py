@@ -93,7 +93,7 @@ class Stage:
 
 _TOP_KEYS = {"seed", "model", "init", "data", "batch_size", "accumulation", "optimizer", "stages", "loss_chunk",
              "nan_policy", "mesh", "log_every", "checkpoint_every", "keep_checkpoints", "async_checkpoints",
-             "peak_flops", "export_hf"}
+             "peak_flops", "export_hf", "dry_run", "device_memory_gb"}
 _DATA_KEYS = {"source", "tokenizer", "separator"}
 _OPT_KEYS = {"b1", "b2", "eps", "weight_decay", "grad_clip"}
 _STAGE_KEYS = {"length", "steps", "rope", "rope_factor", "lr", "schedule", "warmup_steps", "end_lr_ratio"}
@@ -189,7 +189,9 @@ def parse_stages(config, model_cfg: model_lib.ModelConfig) -> list[Stage]:
 
 def validate_config(config) -> None:
   """Unknown keys anywhere are errors (a value nothing reads is a silent bug); then simple range checks."""
-  _check_keys("config", config.keys(), _TOP_KEYS, _TOP_KEYS - {"export_hf"})
+  _check_keys("config", config.keys(), _TOP_KEYS, _TOP_KEYS - {"export_hf", "dry_run", "device_memory_gb"})
+  if config.get("dry_run"):
+    raise TrainError("config.dry_run is set: experiments/train.py runs lrjax.dryrun instead of training")
   _check_keys("config.data", config.data.keys(), _DATA_KEYS, {"source"})
   _check_keys("config.optimizer", config.optimizer.keys(), _OPT_KEYS)
   if config.nan_policy not in NAN_POLICIES:
