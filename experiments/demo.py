@@ -24,11 +24,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "output directory")
 
 def main(argv):
   del argv
-  try:
-    pipeline.run_pipeline(_CONFIG.value, _WORKDIR.value)
-  except ValueError as e:  # every lrjax error is a ValueError subclass with a one-line message
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  sys.exit(pipeline.main(_CONFIG.value, _WORKDIR.value))
 
 
 if __name__ == "__main__":

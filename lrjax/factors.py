@@ -29,12 +29,12 @@ import datetime
 import json
 import math
 import os
-import tempfile
 import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from lrjax import report
 from lrjax import rope
 
 FORMAT = "lrjax-rope-scaling"
@@ -76,24 +76,6 @@ class FactorFile(NamedTuple):
 
 # ----------------------------------------------------------------------------------------------------------
 # Files.
-
-
-def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-  """Writes a temp file next to `path`, then renames it over `path`: a reader never sees half a file."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def _json_default(value):
@@ -167,7 +149,7 @@ def save(path: str | os.PathLike, scaling: rope.RopeScaling, provenance: dict | 
     text = json.dumps(doc, indent=1, allow_nan=False, default=_json_default)
   except ValueError as e:  # NaN/inf in provenance
     raise FactorFileError(f"{os.fspath(path)}: cannot write non-finite number ({e})") from None
-  _atomic_write_text(path, text + "\n")
+  report.atomic_write(path, text + "\n")
 
 
 def save_csv(path: str | os.PathLike, factors) -> None:
@@ -178,7 +160,7 @@ def save_csv(path: str | os.PathLike, factors) -> None:
   if not np.all(np.isfinite(arr)) or np.any(arr <= 0):
     raise FactorFileError(f"{os.fspath(path)}: factors must be finite and > 0")
   rows = arr[:, None] if arr.ndim == 1 else arr
-  _atomic_write_text(path, "".join(",".join(repr(float(x)) for x in row) + "\n" for row in rows))
+  report.atomic_write(path, "".join(",".join(repr(float(x)) for x in row) + "\n" for row in rows))
 
 
 def _read_csv(path: str, text: str) -> np.ndarray:

@@ -25,14 +25,18 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 
-def _atomic_write(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+  """Writes `data` to a temp file beside `path`, fsyncs, then renames it over `path`: a reader (or a crash)
+  sees the old file or the new one, never half of one."""
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
   try:
     with os.fdopen(fd, "wb") as f:
-      f.write(data)
+      f.write(data.encode("utf-8") if isinstance(data, str) else data)
+      f.flush()
+      os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -41,7 +45,7 @@ def _atomic_write(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-  _atomic_write(path, text.encode("utf-8"))
+  atomic_write(path, text.encode("utf-8"))
 
 
 def _json_default(value):
@@ -146,7 +150,7 @@ def line_plot(path: str | os.PathLike, series: Mapping[str, tuple[Sequence[float
     fig.savefig(buf, format="png")
   finally:
     plt.close(fig)
-  _atomic_write(path, buf.getvalue())
+  atomic_write(path, buf.getvalue())
 
 
 def _short_number(x: float) -> str:

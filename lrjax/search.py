@@ -32,7 +32,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -40,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lrjax import report
 from lrjax import rope as rope_lib
 
 # The paper's n̂ set (Table 4). The official internal code uses {1,...,32,48,64} instead.
@@ -279,24 +279,6 @@ class EvolutionResult:
   stopped_early: bool
 
 
-def _atomic_write(path: str, data: str | bytes) -> None:
-  """Write to a temp file in the same directory, fsync, then rename over `path`."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  mode = "wb" if isinstance(data, bytes) else "w"
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
-  try:
-    with os.fdopen(fd, mode) as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def _fit(value) -> float:
   """Fitness as stored: non-finite (diverged) becomes +inf so it sorts last."""
   value = float(value)
@@ -321,7 +303,7 @@ def write_log_csv(path: str, rows: Sequence[Mapping]) -> None:
   writer.writeheader()
   for row in rows:
     writer.writerow({k: row[k] for k in LOG_FIELDS})
-  _atomic_write(path, out.getvalue())
+  report.atomic_write(path, out.getvalue())
 
 
 def evolve(space: SearchSpace, evolution: Evolution, seeds: Mapping[str, np.ndarray],
@@ -366,7 +348,7 @@ def evolve(space: SearchSpace, evolution: Evolution, seeds: Mapping[str, np.ndar
           "cache": [[list(k), _json_fit(f)] for k, f in cache.items()], "log": log,
           "seeds": {name: genome_key(g) for name, g in seeds.items()},
       }
-      _atomic_write(state_path, json.dumps(payload))
+      report.atomic_write(state_path, json.dumps(payload))
     if log_csv:
       write_log_csv(log_csv, log)
 
@@ -1021,7 +1003,7 @@ def write_outputs(result: SearchResult, config) -> dict:
   hf_note = write_hf_snippet(paths["rope_scaling_hf.json"], result.scaling, rope_theta=plan.theta,
                              max_position_embeddings=plan.target_length, rotary_dim=plan.rotary_dim)
   summary = dict(provenance, compilations=result.compilations, seconds=round(result.seconds, 2), hf_note=hf_note)
-  _atomic_write(paths["summary.json"], json.dumps(summary, indent=1))
+  report.atomic_write(paths["summary.json"], json.dumps(summary, indent=1))
   plot_factors(paths["factors.png"], np.asarray(result.scaling.long_factor), plan.seed_factors,
                title=f"{plan.stage} search, {plan.target_length} tokens (s={plan.scale:g})")
   plot_fitness(paths["fitness.png"], result.evolution.log)
@@ -1044,19 +1026,18 @@ def write_hf_snippet(path: str, scaling: rope_lib.RopeScaling, *, rope_theta: fl
     if arr.ndim == 2:
       if not np.all(arr == arr[:1]):
         notes.append(f"per-layer {name} has no HF form; no snippet written")
-        _atomic_write(path, json.dumps({"error": "; ".join(notes)}, indent=1))
+        report.atomic_write(path, json.dumps({"error": "; ".join(notes)}, indent=1))
         return "; ".join(notes)
       scaling = scaling.replace(**{name: arr[0]})
   hf = factors_lib.rope_scaling_to_hf(scaling, rope_theta=rope_theta, max_position_embeddings=max_position_embeddings,
                                       rotary_dim=rotary_dim, allow_dropping_n_hat=True)
   hf["max_position_embeddings"] = int(max_position_embeddings)
-  _atomic_write(path, json.dumps(hf, indent=1))
+  report.atomic_write(path, json.dumps(hf, indent=1))
   return "; ".join(notes)
 
 
 def plot_factors(path: str, best: np.ndarray, references: Mapping[str, np.ndarray], *, title: str = "") -> None:
   """λ per frequency pair (log y): the searched factors against the seed methods (lrjax.report.line_plot)."""
-  from lrjax import report
   row = lambda f: np.asarray(f) if np.ndim(f) == 1 else np.asarray(f).mean(axis=0)  # per-layer: mean row
   series = {name: (np.arange(row(f).shape[-1]), row(f)) for name, f in references.items()}
   series["searched"] = (np.arange(row(best).shape[-1]), row(best))
@@ -1066,7 +1047,6 @@ def plot_factors(path: str, best: np.ndarray, references: Mapping[str, np.ndarra
 
 def plot_fitness(path: str, log: Sequence[Mapping]) -> None:
   """Best and mean (finite) fitness by generation, log y (lrjax.report.line_plot)."""
-  from lrjax import report
   gens = [r["generation"] for r in log]
   report.line_plot(path, {"best": (gens, [r["best_fitness"] for r in log]),
                           "population mean": (gens, [r["mean_fitness"] for r in log])},
