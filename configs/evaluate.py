@@ -8,6 +8,7 @@ Variants (get_config(arg)):
   (default)   built-in byte model (window 256) on builtin:test at 256..2048 tokens, truncate protocol
   proofpile   paper Proof-pile protocol: 10 documents >= 128k tokens, truncated, lengths 4k..128k (set data)
   pg19        paper PG19 protocol: TFDS pg19 test, sliding window, stride 256 at 8k (set lengths for 64k/128k)
+  books3      paper Books3 protocol: 20 books >= 2048k tokens, sliding window with a 256k stride, 8k..2048k
 
 Settings (rows of the table; each is "SPEC" or "LABEL=SPEC"):
   none                plain RoPE          model     the checkpoint's own rope scaling
@@ -58,6 +59,16 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.lengths = (8192,)
     c.settings = ("none", "yarn", "model")
     c.min_tokens = 0
+  elif variant == "books3":
+    # paper Books3 protocol: 20 random books longer than 2048k tokens, sliding window with a 256k stride
+    c.data = ("/path/to/books3_validation.jsonl",)
+    c.num_documents = 20
+    c.min_tokens = 2097152
+    c.protocol = "sliding"
+    c.stride = 262144
+    c.lengths = (8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576, 2097152)
+    c.settings = ("none", "yarn", "model")
+    c.attention = "ring"            # with --config.mesh.sequence=N on N devices beyond one device's memory
   elif variant:
-    raise ValueError(f"unknown evaluate config variant {variant!r}; expected proofpile or pg19")
+    raise ValueError(f"unknown evaluate config variant {variant!r}; expected proofpile, pg19 or books3")
   return c

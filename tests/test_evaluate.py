@@ -302,3 +302,13 @@ def test_flash_forward_cpu_and_accelerator_layouts_agree(heads):
                                                                head_loop=head_loop))(q, k, v)
     np.testing.assert_allclose(out, ref, atol=2e-6)
     assert lse.shape == (2, 40, heads[0])
+
+
+@pytest.mark.parametrize("variant", ["", "proofpile", "pg19", "books3"])
+def test_protocol_configs_validate(variant):
+  """Every perplexity protocol config (the paper's Proof-pile, PG19 and Books3 settings) is well formed."""
+  from configs import evaluate as evaluate_config
+  c = evaluate_config.get_config(variant)
+  evaluate.validate_config(c)
+  if variant == "books3":
+    assert c.protocol == "sliding" and c.stride == 262144 and max(c.lengths) == 2097152
