@@ -41,6 +41,7 @@ from lrjax import checkpoint as checkpoint_lib
 from lrjax import loss as loss_lib
 from lrjax import model as model_lib
 from lrjax import packing
+from lrjax import ring as ring_lib
 from lrjax import rope as rope_lib
 from lrjax import sharding as sharding_lib
 
@@ -508,6 +509,13 @@ def export_hf(directory: str, model_cfg: model_lib.ModelConfig, params, stage: S
   weights.save_hf(directory, cfg, jax.device_get(params), rope_scaling=scaling, dtype="float32")
 
 
+def balance_order(model_cfg: model_lib.ModelConfig, mesh) -> str:
+  """Causal load balancing for ring attention: zig-zag whenever the ring has more than one device (without
+  it the last device does ~2N-1 times the first one's attention work and every step waits for it)."""
+  ring = model_cfg.attention == "ring" and mesh.shape.get(sharding_lib.SEQUENCE_AXIS, 1) > 1
+  return "zigzag" if ring else "none"
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, report: Callable[[str], None] = print,
           progress: bool = True) -> dict:
   """Run (or resume) every stage of `config`, checkpointing into `workdir`.
@@ -527,7 +535,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, report: Callable[[
     raise TrainError(f"export_hf {config.export_hf!r} exists and is not empty; choose a new directory")
   mesh = sharding_lib.make_mesh(config.mesh)
   for s in stages:
-    sharding_lib.validate(mesh, batch=config.batch_size // config.accumulation, length=s.length, config=model_cfg)
+    sharding_lib.validate(mesh, batch=config.batch_size // config.accumulation, length=s.length, config=model_cfg,
+                          order=balance_order(model_cfg, mesh))
   docs, marks = load_documents(config.data)
   stream = packing.token_stream(docs, **marks)
   del docs
@@ -619,6 +628,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, report: Callable[[
 
         while done < stage.steps and not preemption.requested:
           host = next(it)
+          if balance_order(model_cfg, mesh) != "none":  # once per batch, positions travel with their tokens
+            host = ring_lib.load_balance(host, mesh.shape[sharding_lib.SEQUENCE_AXIS], "zigzag")
           host = {k: v.reshape(micro, b_local // micro, *v.shape[1:]) for k, v in host.items()}
           batch = sharding_lib.host_local_to_global(mesh, host, batch_shardings(mesh))
           state, metrics = step_fn(state, batch, rope)

@@ -413,3 +413,20 @@ def test_shipped_model_loads_alike_in_lrjax_and_transformers():
   logp = theirs - m - np.log(np.exp(theirs - m).sum(-1, keepdims=True))
   held_out = -np.take_along_axis(logp, targets[..., None], -1).mean()  # nats per byte
   assert held_out < 0.45 * np.log(256), held_out  # uniform is ln 256 = 5.55 nats
+
+
+def test_sequence_parallel_ring_training_equals_data_parallel(tmp_path):
+  """Ring attention on (data=2, sequence=4), zig-zag balanced by the loop, gives the data-parallel losses."""
+  losses = {}
+  for name, attention, mesh in (("dp", "blockwise", dict(data=-1, fsdp=1, sequence=1, tensor=1)),
+                                ("ring", "ring", dict(data=2, fsdp=1, sequence=4, tensor=1))):
+    c = _tiny_config(steps=3, warmup_steps=0)
+    c.model.attention = attention
+    c.mesh.update(**mesh)
+    c.checkpoint_every = 100
+    train.train(c, str(tmp_path / name), report=lambda _: None, progress=False)
+    losses[name] = [float(r["loss"]) for r in _csv(tmp_path / name / "metrics.csv")]
+  np.testing.assert_allclose(losses["ring"], losses["dp"], rtol=1e-5)
+  cfg = train.model_config(_tiny_config())
+  assert train.balance_order(cfg.replace(attention="ring"), jax.make_mesh((2, 4), ("data", "sequence"))) == "zigzag"
+  assert train.balance_order(cfg, jax.make_mesh((8,), ("data",))) == "none"
