@@ -312,7 +312,11 @@ def summarize(results: dict, seconds: dict, *, window: int, target: int, second:
                      f"({_fmt(searched)} / {_fmt(at('yarn'))} / {_fmt(at('ntk'))}, {_fmt(at('pi'))})",
                      searched < at("yarn") < min(at("ntk"), at("pi"))))
     if dims is not None and searched is not None:
-      checks.append((f"n̂ ablation at {target}: λ + n̂ {_fmt(searched)} vs λ only {_fmt(dims)}", searched <= dims))
+      n_hat = results.get("search_8x", {}).get("n_hat")
+      why = (" (the search kept n̂ = 0, so the gap is search variance, not n̂)" if n_hat == 0 else
+             f" (searched n̂ = {n_hat})")
+      checks.append((f"n̂ ablation at {target}: λ + n̂ {_fmt(searched)} vs λ only {_fmt(dims)}{why}",
+                     searched <= dims))
   for name, title in (("passkey_base", "Passkey, base model"), ("passkey_extended", "Passkey, extended model")):
     if name in results:
       acc = results[name]["accuracy"]
