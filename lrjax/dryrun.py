@@ -18,12 +18,10 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lrjax import evaluate as evaluate_lib

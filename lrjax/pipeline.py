@@ -35,7 +35,6 @@ import numpy as np
 from lrjax import data as data_lib
 from lrjax import evaluate as evaluate_lib
 from lrjax import factors as factors_lib
-from lrjax import model as model_lib
 from lrjax import passkey as passkey_lib
 from lrjax import report
 from lrjax import rope as rope_lib
