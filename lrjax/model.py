@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from lrjax import attention as attention_lib
+from lrjax import axes
 from lrjax import rope as rope_lib
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_proj")
@@ -98,21 +99,7 @@ class ModelConfig:
     return v * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + d
 
 
-# Logical axes of every parameter, for lrjax.sharding's rules.
-PARAM_AXES = {
-    "embed": ("vocab", "embed"),
-    "final_norm": ("norm",),
-    "lm_head": ("embed", "vocab"),
-    "layers/attn_norm": ("layers", "norm"),
-    "layers/mlp_norm": ("layers", "norm"),
-    "layers/q": ("layers", "embed", "q_heads", "head_dim"),
-    "layers/k": ("layers", "embed", "kv_heads", "head_dim"),
-    "layers/v": ("layers", "embed", "kv_heads", "head_dim"),
-    "layers/o": ("layers", "q_heads", "head_dim", "embed"),
-    "layers/gate": ("layers", "embed", "mlp"),
-    "layers/up": ("layers", "embed", "mlp"),
-    "layers/down": ("layers", "mlp", "embed"),
-}
+PARAM_AXES = axes.PARAM_AXES  # the table lives in lrjax.axes (shared with lrjax.sharding)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

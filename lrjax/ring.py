@@ -35,9 +35,9 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from lrjax import attention as attention_lib
-from lrjax import sharding as sharding_lib
+from lrjax import axes
 
-ORDERS = ("none", "zigzag", "striped")
+ORDERS = axes.LOAD_BALANCE_ORDERS
 
 
 class RingError(ValueError):
@@ -202,7 +202,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k
 
 
 def ring_attention_sharded(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
-                           axis_name: str = sharding_lib.SEQUENCE_AXIS, causal: bool = True,
+                           axis_name: str = axes.SEQUENCE_AXIS, causal: bool = True,
                            block_q: int = 512, block_k: int = 512, scale: float | None = None,
                            mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None) -> jax.Array:
   """Ring attention on global arrays: shard_map over the current mesh (jax.set_mesh / sharding.mesh_context).
@@ -220,8 +220,8 @@ def ring_attention_sharded(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.
   names = tuple(mesh.axis_names)
   if axis_name not in names:
     raise RingError(f"ring axis {axis_name!r} is not in the mesh axes {names}")
-  batch_axes = tuple(a for a in sharding_lib.BATCH_AXES if a in names and a != axis_name)
-  head_axis = sharding_lib.TENSOR_AXIS if sharding_lib.TENSOR_AXIS in names else None
+  batch_axes = tuple(a for a in axes.BATCH_AXES if a in names and a != axis_name)
+  head_axis = axes.TENSOR_AXIS if axes.TENSOR_AXIS in names else None
   size = lambda axes: math.prod(mesh.shape[a] for a in axes)
   b, t, n_heads, _ = q.shape
   s, kv_heads = k.shape[1], k.shape[2]

@@ -1,17 +1,8 @@
-"""Device mesh, logical-axis sharding rules, multi-host set-up.
+"""Device mesh, parameter and batch shardings, multi-host set-up.
 
-One mesh with four named axes, always in this order (size-1 axes cost nothing):
-
-  data      pure data parallelism (params replicated)
-  fsdp      data parallelism with parameters, gradients and optimizer state sharded (ZeRO-3 style)
-  sequence  sequence (context) parallelism: ring attention rotates K/V around this axis
-  tensor    tensor (head / MLP / vocab) parallelism
-
-Arrays are annotated with logical axis names (lrjax.model.PARAM_AXES for parameters, flax
-`nn.with_logical_constraint` for activations) and one small table, LOGICAL_RULES, maps them to mesh axes.
-Weights' `embed` dimension is sharded over (fsdp, sequence), as in LWM and MaxText, so devices of one
-sequence group do not each hold a full copy of the weights. Activations resolve `batch` first, so their
-`embed` dimension finds fsdp and sequence already taken and stays unsharded (flax's priority rule).
+The mesh axes (data, fsdp, sequence, tensor), the logical axis names of parameters and activations, and the
+rules between them live in lrjax.axes; this module turns them into Meshes, PartitionSpecs and NamedShardings,
+and checks up front that a mesh can run a model on a given input.
 """
 
 from __future__ import annotations
@@ -26,26 +17,12 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "sequence", "tensor")
-BATCH_AXES = ("data", "fsdp")
-SEQUENCE_AXIS = "sequence"
-TENSOR_AXIS = "tensor"
+from lrjax import axes
 
-# (logical name, mesh axes), in priority order; see the module docstring.
-LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH_AXES),
-    ("length", SEQUENCE_AXIS),
-    ("vocab", TENSOR_AXIS),
-    ("q_heads", TENSOR_AXIS),
-    ("kv_heads", TENSOR_AXIS),
-    ("mlp", TENSOR_AXIS),
-    ("embed", ("fsdp", SEQUENCE_AXIS)),
-    ("layers", None),
-    ("head_dim", None),
-    ("norm", None),
-)
-
-LOAD_BALANCE_ORDERS = ("none", "zigzag", "striped")
+MESH_AXES, BATCH_AXES = axes.MESH_AXES, axes.BATCH_AXES
+SEQUENCE_AXIS, TENSOR_AXIS = axes.SEQUENCE_AXIS, axes.TENSOR_AXIS
+LOGICAL_RULES = axes.LOGICAL_RULES
+LOAD_BALANCE_ORDERS = axes.LOAD_BALANCE_ORDERS
 _DISTRIBUTED_KEYS = ("coordinator_address", "num_processes", "process_id", "local_device_ids", "auto")
 
 
@@ -113,13 +90,13 @@ def make_mesh(mesh_config: Mapping[str, int] | Any, devices: Sequence[Any] | Non
   return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def axis_size(mesh: Mesh | jax.sharding.AbstractMesh, axes: str | Sequence[str] | None) -> int:
-  """Product of the sizes of `axes` (a name, a tuple of names, or None) in `mesh`."""
-  if axes is None:
+def axis_size(mesh: Mesh | jax.sharding.AbstractMesh, names: str | Sequence[str] | None) -> int:
+  """Product of the sizes of `names` (a name, a tuple of names, or None) in `mesh`."""
+  if names is None:
     return 1
-  if isinstance(axes, str):
-    axes = (axes,)
-  return math.prod(mesh.shape[a] for a in axes)
+  if isinstance(names, str):
+    names = (names,)
+  return math.prod(mesh.shape[a] for a in names)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -134,11 +111,11 @@ def logical_rules(mesh: Mesh | jax.sharding.AbstractMesh | None = None,
     return tuple(rules)
   present = set(mesh.axis_names)
   out = []
-  for name, axes in rules:
-    if axes is None:
+  for name, mesh_axes in rules:
+    if mesh_axes is None:
       out.append((name, None))
       continue
-    kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a in present)
+    kept = tuple(a for a in ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes) if a in present)
     out.append((name, kept[0] if len(kept) == 1 else (kept or None)))
   return tuple(out)
 
@@ -172,33 +149,33 @@ def param_shardings(mesh: Mesh, params: Any, rules: Sequence[tuple[str, Any]] | 
     mesh: the mesh.
     params: the parameter pytree (arrays or jax.ShapeDtypeStruct), paths like "layers/q".
     rules: logical rules (default LOGICAL_RULES).
-    param_axes: path -> logical axes (default lrjax.model.PARAM_AXES).
+    param_axes: path -> logical axes (default lrjax.axes.PARAM_AXES).
   Raises:
     ShardingError naming every parameter without logical axes, with the wrong rank, or with a sharded
     dimension that the mesh axes do not divide.
   """
   if param_axes is None:
-    from lrjax.model import PARAM_AXES as param_axes  # noqa: N811 (the model owns the table)
+    param_axes = axes.PARAM_AXES
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   missing, problems, out = [], [], []
   for path, leaf in leaves:
     name = _path_name(path)
-    axes = param_axes.get(name)
-    if axes is None:
+    logical = param_axes.get(name)
+    if logical is None:
       missing.append(name)
       continue
-    if len(axes) != len(leaf.shape):
-      problems.append(f"{name} has shape {tuple(leaf.shape)} but logical axes {axes}")
+    if len(logical) != len(leaf.shape):
+      problems.append(f"{name} has shape {tuple(leaf.shape)} but logical axes {logical}")
       continue
-    spec = logical_to_spec(axes, mesh, rules)
+    spec = logical_to_spec(logical, mesh, rules)
     for dim, (size, mesh_axes) in enumerate(zip(leaf.shape, tuple(spec) + (None,) * len(leaf.shape))):
       n = axis_size(mesh, mesh_axes)
       if size % n:
-        problems.append(f"{name} dim {dim} ({axes[dim]}) has size {size}, not divisible by mesh axes "
+        problems.append(f"{name} dim {dim} ({logical[dim]}) has size {size}, not divisible by mesh axes "
                         f"{mesh_axes} of size {n}")
     out.append(NamedSharding(mesh, spec))
   if missing:
-    raise ShardingError(f"parameters without logical axes (add them to lrjax.model.PARAM_AXES): {missing}")
+    raise ShardingError(f"parameters without logical axes (add them to lrjax.axes.PARAM_AXES): {missing}")
   if problems:
     raise ShardingError("; ".join(problems))
   return jax.tree_util.tree_unflatten(treedef, out)
