@@ -7,15 +7,23 @@
 Variants (get_config(arg)):
   (default)   built-in byte model (window 256) on builtin:test at 256..2048 tokens, truncate protocol
   proofpile   paper Proof-pile protocol: 10 documents >= 128k tokens, truncated, lengths 4k..128k (set data)
-  pg19        paper PG19 protocol: TFDS pg19 test, sliding window, stride 256 at 8k (set lengths for 64k/128k)
-  books3      paper Books3 protocol: 20 books >= 2048k tokens, sliding window with a 256k stride, 8k..2048k
+  pg19        paper PG19 protocol: the whole TFDS pg19 test split (100 books; a book shorter than a length is
+              one shorter window), sliding window, stride 256 at 8k (set lengths for 64k/128k)
+  books3      paper Books3 protocol: 20 random books >= 2048k tokens (seeded), windows every 256k tokens at
+              8k..2048k: below 256k they are disjoint samples, each fully scored (the official loop's behaviour)
 
 Settings (rows of the table; each is "SPEC" or "LABEL=SPEC"):
   none                plain RoPE          model     the checkpoint's own rope scaling
   pi | linear, ntk, yarn, llama3          s = max(1, length / original_length), per column
   METHOD:S            a fixed factor s (e.g. yarn:16)
   dynamic             HF dynamic NTK with factor 1: s follows each window's length (dynamic:F sets factor F)
-  PATH                a factor file (lrjax JSON or LongRoPE CSV), e.g. a search's factors.json
+  PATH                a factor file (lrjax JSON or LongRoPE CSV), e.g. a search's factors.json; a bare CSV
+                      has no target length: PATH?target_length=131072 (s = target / L sets the temperature)
+  PATH?temperature_from=length   the paper's evaluation code: the temperature follows each evaluated length
+                      (1.0 within the original window) instead of the target
+
+L is the model's original window (the checkpoint's original_max_position_embeddings, Mistral's sliding window,
+else max_position_embeddings), or original_length when set; it is printed with every table.
 """
 
 import ml_collections
@@ -33,12 +41,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.data = ("builtin:test",)     # sources: builtin:SPLIT, FILE.jsonl[.gz][?field=], FILE.txt, DIR[?pattern=],
   #                                tfds:NAME?split=test&data_dir=DIR&field=text
   c.num_documents = 0            # documents per source (0 = all that pass min_tokens)
+  c.sample_documents = False     # draw num_documents at random (seeded) from those that pass, instead of the first
+  c.document_seed = 0
   c.min_tokens = -1              # keep documents with >= this many tokens; -1 = the largest length (the same
   #                                documents at every length, as in the paper)
-  c.short_documents = "error"    # error | skip: documents shorter than a length (only when min_tokens allows them)
+  c.short_documents = "error"    # error | skip | keep (as one shorter window): documents shorter than a length
   c.lengths = (256, 512, 1024, 2048)
   c.settings = ("none", "pi", "ntk", "yarn", "dynamic")
-  c.original_length = 0          # L for derived factors (0 = the model's max_position_embeddings)
+  c.original_length = 0          # L, the original window (0 = the model's: see above)
   c.protocol = "truncate"        # truncate (one window per document) | sliding (with stride)
   c.stride = 0                   # sliding-window stride in tokens (sliding only; 0 with truncate)
   c.batch_size = 1               # windows per device call
@@ -59,10 +69,12 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.lengths = (8192,)
     c.settings = ("none", "yarn", "model")
     c.min_tokens = 0
+    c.short_documents = "keep"
   elif variant == "books3":
-    # paper Books3 protocol: 20 random books longer than 2048k tokens, sliding window with a 256k stride
+    # paper Books3 protocol: 20 random books longer than 2048k tokens, windows every 256k tokens
     c.data = ("/path/to/books3_validation.jsonl",)
     c.num_documents = 20
+    c.sample_documents = True
     c.min_tokens = 2097152
     c.protocol = "sliding"
     c.stride = 262144

@@ -33,15 +33,16 @@ import ml_collections
 from configs import pretrain
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_BUILTIN_MODEL = os.path.join(_ROOT, "lrjax", "assets", "model")
 _FACTORS = os.path.join(_ROOT, "configs", "factors")
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
                  num_kv_heads=32, head_dim=128, rope_theta=10000.0, max_position_embeddings=4096,
                  tie_word_embeddings=False, rms_norm_eps=1e-5)
+# Mistral-7B v0.1 was trained at 4096 tokens (its sliding window) although max_position_embeddings says 32768;
+# the paper and the official code measure s against 4096.
 MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                   num_kv_heads=8, head_dim=128, rope_theta=10000.0, max_position_embeddings=32768,
-                  tie_word_embeddings=False, rms_norm_eps=1e-5)
+                  original_max_position_embeddings=4096, tie_word_embeddings=False, rms_norm_eps=1e-5)
 
 
 def _stage(length, steps, rope, lr, schedule, warmup=20, rope_factor=1.0):
@@ -96,7 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.accumulation = 1
     c.device_memory_gb = 95.0
   elif arg == "tiny":
-    c.init = _BUILTIN_MODEL
+    c.init = "builtin"
     c.batch_size = 4
     c.optimizer.update(b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0)
     c.stages = [_stage(2048, 200, "linear", 2e-4, "linear", warmup=10, rope_factor=8.0)]

@@ -6,7 +6,8 @@
 
 Variants (get_config(arg)):
   tiny            built-in byte model (window 256), 8x = 2048 tokens, builtin:valid, a few minutes on a CPU
-  tiny_longrope2  tiny + LongRoPE2 critical-dimension search ([s, 2s] above the critical pair, NTK below)
+  tiny_longrope2  tiny + LongRoPE2 critical-dimension search (cd in [d_tcd^10, d_tcd]; [s, 2s] from cd up, NTK
+                  below; LongRoPE2's initialisation)
   tiny_needle     tiny + LongRoPE2 needle-driven fitness (perplexity of the answer tokens only)
   tiny_temperature tiny + the attention temperature as a searched gene
   tiny_second     progressive second stage on tiny's result: 2048 -> 4096 (set base_factors)
@@ -54,12 +55,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.source = "builtin:valid"
   c.data.tokenizer = "byte"
   c.data.num_documents = 5        # paper: 5 PG19 validation documents (3 Books3 beyond 512k)
+  c.data.sample_documents = True  # drawn at random (seeded by search.seed) from those >= the target, as the paper
   c.data.fitness = "ppl"          # ppl (truncate protocol) | needle (LongRoPE2 App. C answer-token PPL)
   c.data.needle_seed = 0          # needle numbers' seed (fitness=needle only)
 
   s = c.search = ml_collections.ConfigDict()
   s.target_length = 0
-  s.original_length = 0           # 0 = the model's max_position_embeddings
+  s.original_length = 0           # 0 = the model's original window (ModelConfig.original_length)
   # Algorithm 1 (paper §4.1): P, N1, N2, top-k parents, p, T.
   s.population = 64
   s.mutations = 16
@@ -85,11 +87,12 @@ def base_config() -> ml_collections.ConfigDict:
   s.search_temperature = False    # beyond the paper: temperature as a gene
   s.temperature_range = (1.0, 1.5)
   s.temperature_step = 0.01
-  s.seeds = ("pi", "ntk", "yarn")
+  s.seeds = ("pi", "ntk", "yarn")  # yarn: the official seed (linear in λ); yarn_hf: inverse of HF's blend
   s.yarn_beta_fast = 32.0
   s.yarn_beta_slow = 1.0
   s.init_factors = ()             # extra seed factor files
-  s.critical_dim = False          # LongRoPE2: search pairs >= ceil((d/2) log_θ(L/2π)) only, NTK below
+  s.critical_dim = False          # LongRoPE2: search the critical pair cd (NTK below it, [s, 2s] from it up)
+  s.critical_dim_range = (0, 0)   # (lo, hi) of cd; (0, 0) = LongRoPE2's [d_tcd^10, d_tcd] (10 periods .. theory)
   s.seed = 0
   # Execution.
   s.candidates_per_call = 1       # C candidates per compiled call (jax.vmap over stacked RopeArrays)
@@ -152,6 +155,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   if arg == "tiny_longrope2":
     _tiny(c)
     c.search.critical_dim = True
+    c.search.seeds = ("critical", "pi", "ntk", "yarn")
     c.search.min_factor_scale, c.search.min_factor_offset = 1.0, 0.0   # [s, 2s] above the critical dim
     c.search.max_factor_scale, c.search.max_factor_offset = 2.0, 0.0
     return c

@@ -11,9 +11,15 @@ Protocols (LongRoPE §2.4 / §4.1; Press et al. 2021), over documents of token i
   truncate  one window per document: BOS + its first L-1 tokens when the tokenizer has a BOS (the window is
             exactly L tokens), else its first L tokens. Every target in the window is scored.
   sliding   windows start every `stride` tokens of the document body (after BOS) and hold L-1 body tokens
-            behind a BOS (L without BOS); a window scores only the tokens the previous window did not reach,
-            so every token after the first is scored exactly once (with BOS, the first too). The last window
-            may be shorter; it is padded and its padding is not scored.
+            behind a BOS (L without BOS); a window scores only the tokens the previous window did not reach
+            (Press et al.; the official LongRoPE and transformers loops), so with stride <= L-1 every token after
+            the first is scored exactly once (with BOS, the first too). With stride > L-1 (the paper's Books3
+            protocol: a 256k stride at 8k..2048k) the windows are disjoint samples of the document, each fully
+            scored, and the tokens between them are not scored. The last window may be shorter; it is padded
+            and its padding is not scored. A document shorter than L is one shorter window.
+
+The BOS rule: a window starts with BOS exactly when the tokenizer prepends one to model input
+(`tokenizer.add_bos`); documents then arrive with BOS first and every window is BOS + L-1 body tokens.
 
 Reported: `ppl` = exp(mean over windows of each window's mean NLL), the LongRoPE figure, and beside it
 `token_ppl` = exp(total NLL / total scored tokens). They agree whenever windows score equally many tokens
@@ -39,7 +45,9 @@ from lrjax import model as model_lib
 from lrjax import rope as rope_lib
 
 PROTOCOLS = ("truncate", "sliding")
-SHORT_DOCUMENT_POLICIES = ("error", "skip")
+# Documents shorter than the window: an error, skipped, or kept as one shorter window (PG19: the paper scores
+# the whole 100-book test split, short books included).
+SHORT_DOCUMENT_POLICIES = ("error", "skip", "keep")
 # Logits held at once by the chunked loss: batch * chunk * vocab floats (2^25 f32 = 128 MiB).
 _LOSS_CHUNK_ELEMENTS = 2 ** 25
 
@@ -126,7 +134,7 @@ class Window(NamedTuple):
   scored_from: int
 
 
-def _body(doc: np.ndarray, bos_id: int | None) -> np.ndarray:
+def document_body(doc: np.ndarray, bos_id: int | None) -> np.ndarray:
   """The document without its leading BOS (BOS is re-added to every window)."""
   if bos_id is not None and doc.shape[0] and doc[0] == bos_id:
     return doc[1:]
@@ -141,8 +149,8 @@ def plan_windows(lengths: Sequence[int], length: int, *, protocol: str = "trunca
     lengths: body length of each document.
     length: window length L in tokens, BOS included.
     protocol: "truncate" or "sliding".
-    stride: sliding-window step in tokens, 1 <= stride <= L - 1 (a window's first body token then has context
-      or BOS before it, so no token goes unscored); ignored by truncate.
+    stride: sliding-window step in tokens, >= 1; <= L - 1 scores every token once, larger strides sample
+      disjoint windows (see the module docstring); ignored by truncate.
     bos: whether each window starts with BOS.
   """
   if protocol not in PROTOCOLS:
@@ -151,9 +159,8 @@ def plan_windows(lengths: Sequence[int], length: int, *, protocol: str = "trunca
   if width < 1 or length < 2:
     raise EvalError(f"length {length} is too short (at least 2 tokens{' with BOS' if bos else ''})")
   if protocol == "sliding":
-    if stride is None or not 1 <= stride <= length - 1:
-      raise EvalError(f"sliding windows need 1 <= stride <= length - 1 = {length - 1}, got {stride}; a larger "
-                      "stride would leave tokens unscored")
+    if stride is None or stride < 1:
+      raise EvalError(f"sliding windows need a stride >= 1 (tokens between window starts), got {stride}")
   windows = []
   for d, n in enumerate(lengths):
     if protocol == "truncate":
@@ -164,9 +171,9 @@ def plan_windows(lengths: Sequence[int], length: int, *, protocol: str = "trunca
       end = min(start + width, n)
       windows.append(Window(d, start, end, prev_end if start else 0))
       prev_end = end
-      if end >= n:
-        break
       start += stride
+      if end >= n or start >= n:  # as the HF loop: windows start only inside the document
+        break
   return windows
 
 
@@ -179,7 +186,7 @@ def window_arrays(documents: Sequence[np.ndarray], windows: Sequence[Window], le
   sizes = np.zeros((w,), np.int32)
   off = int(bos_id is not None)
   for i, win in enumerate(windows):
-    body = _body(np.asarray(documents[win.doc]), bos_id)
+    body = document_body(np.asarray(documents[win.doc]), bos_id)
     n = win.end - win.start
     if off:
       tokens[i, 0] = bos_id
@@ -260,8 +267,10 @@ def select_documents(documents: Sequence[np.ndarray], length: int, *, bos_id: in
   if not documents:
     raise EvalError("no documents to evaluate")
   off = int(bos_id is not None)
-  sizes = [_body(np.asarray(d), bos_id).shape[0] + off for d in documents]
+  sizes = [document_body(np.asarray(d), bos_id).shape[0] + off for d in documents]
   keep = [i for i, n in enumerate(sizes) if n >= length]
+  if short_documents == "keep":
+    return list(range(len(sizes)))
   if short_documents == "error" and len(keep) < len(sizes):
     i = next(i for i, n in enumerate(sizes) if n < length)
     raise EvalError(f"document {i} has {sizes[i]} tokens, fewer than the evaluation length {length} "
@@ -270,6 +279,14 @@ def select_documents(documents: Sequence[np.ndarray], length: int, *, bos_id: in
   if not keep:
     raise EvalError(f"0 of {len(sizes)} documents have >= {length} tokens (longest: {max(sizes)})")
   return keep
+
+
+def sample_documents(count: int, available: int, *, seed: int) -> list[int]:
+  """`count` distinct indices of `available` documents drawn at random (seeded, sorted): the paper's "N random
+  samples" (search fitness: 5 PG19 validation books; Books3: 20 books). All of them when count >= available."""
+  if count >= available:
+    return list(range(available))
+  return sorted(int(i) for i in np.random.default_rng(seed).choice(available, size=count, replace=False))
 
 
 def perplexity(config: model_lib.ModelConfig, params: dict, documents: Sequence[np.ndarray], *, length: int,
@@ -290,7 +307,7 @@ def perplexity(config: model_lib.ModelConfig, params: dict, documents: Sequence[
     batch_size: windows per device call (the last batch is padded; one compilation per (batch, L)).
     bos_id: the tokenizer's BOS id, or None. With it, every window is BOS + L-1 document tokens.
     max_length: refuse lengths above this (a guard against accidental huge evaluations).
-    short_documents: "error" or "skip" documents with fewer than L tokens.
+    short_documents: "error", "skip" or "keep" (as one shorter window) documents with fewer than L tokens.
     mesh: optional device mesh (see compiled_window_nll); batch_size is rounded up to the batch axes' size.
     progress: called with the number of windows finished after each batch.
   Returns:
@@ -310,8 +327,8 @@ def perplexity(config: model_lib.ModelConfig, params: dict, documents: Sequence[
     if d.size and (d.min() < 0 or d.max() >= config.vocab_size):
       raise EvalError(f"document {i} has token ids in [{d.min()}, {d.max()}], outside the model's vocabulary "
                       f"[0, {config.vocab_size}) (tokenizer/model mismatch?)")
-  windows = plan_windows([_body(d, bos_id).shape[0] for d in docs], length, protocol=protocol, stride=stride,
-                         bos=bos_id is not None)
+  windows = plan_windows([document_body(d, bos_id).shape[0] for d in docs], length, protocol=protocol,
+                         stride=stride, bos=bos_id is not None)
   if mesh is not None:
     from lrjax import sharding as sharding_lib
     n_batch = sharding_lib.axis_size(mesh, tuple(a for a in sharding_lib.BATCH_AXES if a in mesh.axis_names))
@@ -388,18 +405,18 @@ def count_windows(documents: Sequence[np.ndarray], length: int, *, protocol: str
                   stride: int | None = None, bos_id: int | None = None, short_documents: str = "error") -> int:
   """How many windows `perplexity` will evaluate (for progress bars)."""
   keep = select_documents(documents, length, bos_id=bos_id, short_documents=short_documents)
-  lengths = [_body(np.asarray(documents[i]), bos_id).shape[0] for i in keep]
+  lengths = [document_body(np.asarray(documents[i]), bos_id).shape[0] for i in keep]
   return len(plan_windows(lengths, length, protocol=protocol, stride=stride, bos=bos_id is not None))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The evaluate experiment: settings x lengths (x sources) -> table, CSV, JSON, plot.
 
-BUILTIN_MODEL = os.path.join(os.path.dirname(__file__), "assets", "model")
 DERIVED_METHODS = {"pi": "linear", "linear": "linear", "ntk": "ntk", "yarn": "yarn", "llama3": "llama3"}
 CONFIG_KEYS = {"model", "tokenizer", "dtype", "attention", "block_q", "block_k", "data", "num_documents",
-               "min_tokens", "short_documents", "lengths", "settings", "original_length", "protocol", "stride",
-               "batch_size", "max_length", "mesh", "save_windows", "progress"}
+               "sample_documents", "document_seed", "min_tokens", "short_documents", "lengths", "settings",
+               "original_length", "protocol", "stride", "batch_size", "max_length", "mesh", "save_windows",
+               "progress"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,16 +427,52 @@ class Setting:
   scaling_at: Callable[[int], rope_lib.RopeScaling]
 
 
-def parse_setting(spec: str, config: model_lib.ModelConfig, original_length: int = 0) -> Setting:
+_FILE_OPTIONS = {"target_length", "temperature_from"}
+
+
+def _split_options(body: str) -> tuple[str, dict]:
+  """PATH?key=value&key=value -> (PATH, options); a path that exists as given is never split."""
+  if "?" not in body or os.path.exists(body):
+    return body, {}
+  path, query = body.split("?", 1)
+  options = {}
+  for item in filter(None, query.split("&")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in _FILE_OPTIONS:
+      raise EvalError(f"factor-file option {item!r}: expected key=value with key in {', '.join(sorted(_FILE_OPTIONS))}")
+    options[key] = value
+  return path, options
+
+
+def _factor_file_setting(path: str, options: dict, config: model_lib.ModelConfig) -> rope_lib.RopeScaling:
+  target = options.get("target_length")
+  if target is not None and (not target.isdigit() or int(target) < 2):
+    raise EvalError(f"factor file {path}: target_length must be a positive integer, got {target!r}")
+  from lrjax import factors as factors_lib
+  try:
+    scaling = factors_lib.resolve_file(path, original_length=config.original_length,
+                                       target_length=int(target) if target else None,
+                                       n_layers=config.num_layers, rotary_dim=config.rotary_dim)
+    if "temperature_from" in options:  # the paper's evaluation code: mscale from each evaluated length
+      scaling = scaling.replace(temperature_from=options["temperature_from"], attention_factor=None)
+  except (ValueError, OSError) as e:
+    raise EvalError(f"setting {path}: {e}" + ("" if target else "; append ?target_length=N to the path")) from None
+  return scaling
+
+
+def parse_setting(spec: str, config: model_lib.ModelConfig) -> Setting:
   """A setting string (see configs/evaluate.py): none, model, pi/linear/ntk/yarn/llama3[:S], dynamic[:F],
-  or a factor-file path; any of them as LABEL=SPEC."""
+  or a factor file PATH[?target_length=N&temperature_from=target|length]; any of them as LABEL=SPEC.
+
+  Derived settings use the model's original window L (config.original_length): s = max(1, length / L).
+  """
   spec = str(spec).strip()
   label, body = None, spec
-  if "=" in spec and not os.path.exists(spec):
+  if "=" in spec and not os.path.exists(spec) and not os.path.exists(spec.split("?", 1)[0]):
     label, body = (part.strip() for part in spec.split("=", 1))
     if not label or not body:
       raise EvalError(f"setting {spec!r}: expected LABEL=SPEC")
-  original = original_length or config.max_position_embeddings
+  original = config.original_length
   name, _, arg = body.partition(":")
   fixed = None
   if arg and name in {**DERIVED_METHODS, "dynamic": 0}:
@@ -429,35 +482,30 @@ def parse_setting(spec: str, config: model_lib.ModelConfig, original_length: int
       raise EvalError(f"setting {spec!r}: {arg!r} is not a number") from None
     if not math.isfinite(fixed) or fixed <= 0:
       raise EvalError(f"setting {spec!r}: the factor must be a positive number")
+  path, options = _split_options(body)
   if body in ("none", "default"):
     scaling_at = lambda n: rope_lib.RopeScaling()
   elif body == "model":
     scaling_at = lambda n: config.rope_scaling
   elif name in DERIVED_METHODS and (not arg or fixed is not None):
     method = DERIVED_METHODS[name]
-    needs_original = method in ("yarn", "llama3")
 
-    def scaling_at(n, method=method, needs_original=needs_original):
+    def scaling_at(n, method=method):
       s = fixed if fixed is not None else max(1.0, n / original)
-      return rope_lib.RopeScaling(method, factor=s,
-                                  original_max_position_embeddings=original if needs_original else None)
+      return rope_lib.RopeScaling(method, factor=s, original_max_position_embeddings=original)
   elif name == "dynamic" and (not arg or fixed is not None):
-    scaling = rope_lib.RopeScaling("dynamic", factor=fixed or 1.0)
+    scaling = rope_lib.RopeScaling("dynamic", factor=fixed or 1.0, original_max_position_embeddings=original)
     scaling_at = lambda n: scaling
-  elif os.path.isfile(body):
-    from lrjax import factors as factors_lib
-    try:
-      scaling = factors_lib.load(body, n_layers=config.num_layers, rotary_dim=config.rotary_dim)
-    except (ValueError, OSError) as e:
-      raise EvalError(f"setting {spec!r}: {e}") from None
+  elif os.path.isfile(path):
+    scaling = _factor_file_setting(path, options, config)
     scaling_at = lambda n: scaling
     if label is None:
-      parent = os.path.basename(os.path.dirname(os.path.abspath(body)))
-      label = f"{parent}/{os.path.basename(body)}" if parent else os.path.basename(body)
+      parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+      label = f"{parent}/{os.path.basename(path)}" if parent else os.path.basename(path)
   else:
     raise EvalError(f"setting {spec!r}: not a method (none, model, pi, linear, ntk, yarn, llama3, dynamic, "
                     "optionally METHOD:S) nor an existing factor file")
-  scaling_at(original)  # validate now (RopeError is a ValueError with a clear message)
+  config.rope_arrays(scaling_at(original))  # validate now (RopeError is a ValueError with a clear message)
   return Setting(label or body, spec, scaling_at)
 
 
@@ -483,9 +531,14 @@ def validate_config(config) -> None:
   if config.protocol not in PROTOCOLS:
     problems.append(f"unknown protocol {config.protocol!r}; expected one of {', '.join(PROTOCOLS)}")
   if config.short_documents not in SHORT_DOCUMENT_POLICIES:
-    problems.append(f"short_documents must be error or skip, got {config.short_documents!r}")
+    problems.append(f"short_documents must be one of {', '.join(SHORT_DOCUMENT_POLICIES)}, got "
+                    f"{config.short_documents!r}")
   if config.batch_size < 1 or config.num_documents < 0 or config.min_tokens < -1 or config.original_length < 0:
     problems.append("batch_size >= 1, num_documents >= 0, min_tokens >= -1 and original_length >= 0 required")
+  if config.sample_documents and not config.num_documents:
+    problems.append("sample_documents needs num_documents (how many to draw)")
+  if not config.sample_documents and config.document_seed:
+    problems.append("document_seed is set but sample_documents is False")
   if config.protocol == "sliding" and config.stride < 1:
     problems.append("protocol 'sliding' needs stride >= 1 (tokens between window starts)")
   if config.protocol == "truncate" and config.stride:
@@ -498,16 +551,11 @@ def validate_config(config) -> None:
 def load_model(config) -> tuple[model_lib.ModelConfig, dict]:
   """(ModelConfig with the config's execution settings, params) of config.model."""
   from lrjax import weights
-  path = BUILTIN_MODEL if config.model == "builtin" else config.model
-  if not os.path.exists(path):
-    if config.model == "builtin":
-      raise EvalError(f"the built-in model is missing ({path}); it is produced by the pretraining job "
-                      "(experiments/train.py); or pass --config.model=DIR")
-    raise EvalError(f"model {config.model!r}: no such directory")
-  model_config, params = weights.load(path)
-  model_config = model_config.replace(dtype=config.dtype, attention=config.attention, block_q=config.block_q,
-                                      block_k=config.block_k)
-  return model_config, params
+  try:
+    return weights.load_model(config.model, dtype=config.dtype, attention=config.attention,
+                              block_q=config.block_q, block_k=config.block_k)
+  except ValueError as e:
+    raise EvalError(str(e)) from None
 
 
 def load_tokenizer_for(config):
@@ -546,16 +594,23 @@ def run(config, workdir: str, *, model: tuple[model_lib.ModelConfig, dict] | Non
   if not workdir:
     raise EvalError("--workdir is required")
   model_config, params = model if model is not None else load_model(config)
+  if config.original_length:  # an explicit original window overrides the checkpoint's
+    model_config = model_config.replace(original_max_position_embeddings=int(config.original_length))
   tokenizer = load_tokenizer_for(config)
-  settings = [parse_setting(s, model_config, config.original_length) for s in config.settings]
+  settings = [parse_setting(s, model_config) for s in config.settings]
   if len({s.label for s in settings}) < len(settings):
     raise EvalError(f"settings have duplicate labels: {[s.label for s in settings]}; use LABEL=SPEC")
   lengths = sorted(set(int(n) for n in config.lengths))
   min_tokens = max(lengths) if config.min_tokens == -1 else int(config.min_tokens)
   sources = [str(s) for s in config.data]
-  documents = {src: data_lib.tokenized_documents(src, tokenizer, min_tokens=min_tokens,
-                                                 max_documents=config.num_documents or None)
-               for src in sources}
+  documents, chosen = {}, {}
+  for src in sources:
+    docs = data_lib.tokenized_documents(
+        src, tokenizer, min_tokens=min_tokens,
+        max_documents=None if config.sample_documents else (config.num_documents or None))
+    chosen[src] = (sample_documents(config.num_documents, len(docs), seed=config.document_seed)
+                   if config.sample_documents and config.num_documents else list(range(len(docs))))
+    documents[src] = [docs[i] for i in chosen[src]]
   bos = tokenizer.bos_id
   stride = config.stride if config.protocol == "sliding" else None
   kw = dict(protocol=config.protocol, stride=stride, bos_id=bos, short_documents=config.short_documents)
@@ -592,14 +647,19 @@ def run(config, workdir: str, *, model: tuple[model_lib.ModelConfig, dict] | Non
                   **result.to_dict(windows=bool(config.save_windows))}
           cells.append(cell)
           table.setdefault(row, {})[n] = result.ppl
-          _write_outputs(files, config, model_config, cells, table, lengths)
+          _write_outputs(files, config, model_config, cells, table, lengths, chosen)
   finally:
     if bar is not None:
       bar.close()
   text = report.format_table(list(table), lengths, lambda r, n: table[r].get(n), row_header="setting \\ length")
-  print_fn(f"perplexity ({config.protocol}{f', stride {stride}' if stride else ''}; "
-           f"{', '.join(f'{len(d)} docs from {s}' for s, d in documents.items())}):\n{text}")
+  print_fn(f"{_title(config, model_config, stride)}; "
+           f"{', '.join(f'{len(d)} docs from {s}' for s, d in documents.items())}:\n{text}")
   return {"table": table, "cells": cells, "files": files}
+
+
+def _title(config, model_config: model_lib.ModelConfig, stride: int | None) -> str:
+  return (f"perplexity ({config.protocol}{f', stride {stride}' if stride else ''}); original window "
+          f"L = {model_config.original_length}")
 
 
 def _scaling_summary(scaling: rope_lib.RopeScaling) -> dict:
@@ -611,7 +671,7 @@ def _scaling_summary(scaling: rope_lib.RopeScaling) -> dict:
   return out
 
 
-def _write_outputs(files, config, model_config, cells, table, lengths) -> None:
+def _write_outputs(files, config, model_config, cells, table, lengths, chosen) -> None:
   from lrjax import report
   columns = ["source", "setting", "length", "ppl", "token_ppl", "mean_nll", "nll_sum", "count", "num_documents",
              "num_windows", "protocol", "stride", "seconds"]
@@ -620,8 +680,11 @@ def _write_outputs(files, config, model_config, cells, table, lengths) -> None:
       "config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
       "model": {"vocab_size": model_config.vocab_size, "hidden_size": model_config.hidden_size,
                 "num_layers": model_config.num_layers, "max_position_embeddings":
-                model_config.max_position_embeddings, "rope_theta": model_config.rope_theta},
-      "cells": cells})
-  report.write_text(files["table"], report.format_table(list(table), lengths, lambda r, n: table[r].get(n),
-                                                        row_header="setting \\ length") + "\n")
-  report.perplexity_plot(files["plot"], table, title=f"perplexity vs length ({config.protocol})")
+                model_config.max_position_embeddings, "original_length": model_config.original_length,
+                "rope_theta": model_config.rope_theta},
+      "documents": chosen, "cells": cells})
+  stride = config.stride if config.protocol == "sliding" else None
+  report.write_text(files["table"], _title(config, model_config, stride) + "\n" + report.format_table(
+      list(table), lengths, lambda r, n: table[r].get(n), row_header="setting \\ length") + "\n")
+  report.perplexity_plot(files["plot"], table, title=f"perplexity vs length ({config.protocol}, L = "
+                         f"{model_config.original_length})")

@@ -186,9 +186,9 @@ def _read_csv(path: str, text: str) -> np.ndarray:
 def read(path: str | os.PathLike, *, n_layers: int | None = None, rotary_dim: int | None = None) -> FactorFile:
   """Reads an lrjax JSON or official CSV factor file (told apart by content) and validates it.
 
-  A CSV gives RopeScaling(method="longrope", long_factor=..., factor=None) with no original length: set
-  original_max_position_embeddings (and factor or the model's max_position_embeddings) before use, since the
-  attention temperature depends on them.
+  A CSV gives RopeScaling(method="longrope", long_factor=..., factor=None) with no original length and no
+  target: `resolve_file` (or rope.resolve) must make them explicit before use, since the attention temperature
+  depends on them.
   """
   path = os.fspath(path)
   try:
@@ -250,6 +250,18 @@ def load(path: str | os.PathLike, *, n_layers: int | None = None, rotary_dim: in
          ) -> rope.RopeScaling:
   """The RopeScaling of a factor file (see `read`)."""
   return read(path, n_layers=n_layers, rotary_dim=rotary_dim).scaling
+
+
+def resolve_file(path: str | os.PathLike, *, original_length: int, target_length: int | None = None,
+                 n_layers: int | None = None, rotary_dim: int | None = None) -> rope.RopeScaling:
+  """A factor file's setting made explicit against a model (rope.resolve): the file's own original window and
+  target length win; else L = original_length and s = target_length / L. Without any target, a bare table (the
+  official CSV) is an error naming the missing target length."""
+  ff = read(path, n_layers=n_layers, rotary_dim=rotary_dim)
+  try:
+    return rope.resolve(ff.scaling, original_length=original_length, target_length=ff.target_length or target_length)
+  except rope.RopeError as e:
+    raise FactorFileError(f"{os.fspath(path)}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -332,8 +344,11 @@ def rope_scaling_from_hf(config: dict) -> tuple[float, rope.RopeScaling]:
         low_freq_factor=float(get("low_freq_factor")), high_freq_factor=float(get("high_freq_factor")))
   if get("long_factor") is None or get("short_factor") is None:
     raise rope.RopeError("longrope rope scaling needs both short_factor and long_factor")
+  # transformers: s = factor, else max_position_embeddings / original; made explicit here so that no later
+  # path can reinterpret it.
+  factor = float(get("factor")) if get("factor") is not None else max_pos / int(original)
   return float(theta), rope.RopeScaling(
-      method="longrope", factor=None if get("factor") is None else float(get("factor")),
+      method="longrope", factor=factor,
       original_max_position_embeddings=int(original), long_factor=get("long_factor"),
       short_factor=get("short_factor"),
       attention_factor=None if get("attention_factor") is None else float(get("attention_factor")))
@@ -402,9 +417,12 @@ def _longrope_to_hf(scaling: rope.RopeScaling, max_position_embeddings: int, rot
   for name, factors in scaling.factor_sets():
     if np.asarray(factors).ndim != 1:
       raise rope.RopeError(f"per-layer {name} tables cannot be expressed in an HF config")
-  original = int(scaling.original_max_position_embeddings or max_position_embeddings)
+  if scaling.temperature_from != "target":
+    raise rope.RopeError("temperature_from='length' has no HF form (transformers fixes the attention factor from "
+                         "the target); export with temperature_from='target'")
+  original = int(scaling.original_max_position_embeddings)
   short = scaling.short_factor if scaling.short_factor is not None else scaling.long_factor
-  return {"factor": float(rope.longrope_scale(scaling, max_position_embeddings)),
+  return {"factor": float(rope.longrope_scale(scaling)),
           "original_max_position_embeddings": original,
-          "attention_factor": float(rope.longrope_attention_factor(scaling, max_position_embeddings)),
+          "attention_factor": float(rope.longrope_attention_factor(scaling)),
           "short_factor": [float(x) for x in short], "long_factor": [float(x) for x in scaling.long_factor]}

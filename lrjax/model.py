@@ -36,7 +36,9 @@ class ModelConfig:
 
   Architecture: vocab_size V, hidden_size D, intermediate_size F, num_layers L, num_heads N, num_kv_heads K,
   head_dim H, rope_theta, partial_rotary_factor, rms_norm_eps, tie_word_embeddings, max_position_embeddings,
-  rope_scaling (the checkpoint's own scaling), bos/eos token ids.
+  original_max_position_embeddings (the pre-training window every RoPE-scaling rule measures s against; None
+  means max_position_embeddings; see `original_length`), rope_scaling (the checkpoint's own scaling), bos/eos
+  token ids.
   Execution: dtype (compute) and param_dtype; attention implementation ("reference", "blockwise", "xla",
   "cudnn", "ring") and its block sizes; scan_layers (lax.scan vs unrolled); remat policy; the mesh axis that
   ring attention rotates over.
@@ -55,7 +57,8 @@ class ModelConfig:
   tie_word_embeddings: bool = False
   max_position_embeddings: int = 2048
   # Host-side only (rope_arrays); excluded from eq/hash so jitted functions taking the config as a static
-  # argument do not recompile per scaling.
+  # argument do not recompile per scaling or window.
+  original_max_position_embeddings: int | None = dataclasses.field(default=None, compare=False)
   rope_scaling: rope_lib.RopeScaling = dataclasses.field(default=rope_lib.RopeScaling(), compare=False)
   bos_token_id: int | None = None
   eos_token_id: int | None = None
@@ -82,14 +85,25 @@ class ModelConfig:
   def rotary_dim(self) -> int:
     return int(self.head_dim * self.partial_rotary_factor)
 
+  @property
+  def original_length(self) -> int:
+    """L, the original (pre-training) context window in tokens: PI/NTK/YaRN use s = length / L, factor files'
+    temperatures and the short/long switch are measured against it."""
+    return int(self.original_max_position_embeddings or self.max_position_embeddings)
+
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
 
   def rope_arrays(self, scaling: rope_lib.RopeScaling | None = None,
                   seq_len: int | None = None) -> rope_lib.RopeArrays:
-    """Host-side RopeArrays for `scaling` (default: the checkpoint's own) at a sequence length."""
-    return rope_lib.rope_arrays(self.rope_scaling if scaling is None else scaling, dim=self.rotary_dim,
-                                theta=self.rope_theta, n_layers=self.num_layers,
+    """Host-side RopeArrays for `scaling` (default: the checkpoint's own) at a sequence length.
+
+    The setting is resolved against this model's original window (rope.resolve); a longrope setting must
+    already carry its extension ratio (there is no target length here to derive it from).
+    """
+    scaling = rope_lib.resolve(self.rope_scaling if scaling is None else scaling,
+                               original_length=self.original_length)
+    return rope_lib.rope_arrays(scaling, dim=self.rotary_dim, theta=self.rope_theta, n_layers=self.num_layers,
                                 max_position_embeddings=self.max_position_embeddings, seq_len=seq_len)
 
   def num_params(self) -> int:

@@ -30,9 +30,7 @@ from typing import Callable
 
 import jax
 import ml_collections
-import numpy as np
 
-from lrjax import data as data_lib
 from lrjax import evaluate as evaluate_lib
 from lrjax import factors as factors_lib
 from lrjax import passkey as passkey_lib
@@ -44,7 +42,6 @@ from lrjax import weights as weights_lib
 
 STEPS = ("search_8x_dims", "search_8x", "eval_base", "passkey_base", "finetune", "search_second", "recovery",
          "eval_extended", "passkey_extended")
-BUILTIN_MODEL = os.path.join(os.path.dirname(__file__), "assets", "model")
 _KEYS = {"model", "steps", "target_length", "second_length", "search", "second", "recovery", "finetune",
          "evaluate", "passkey"}
 
@@ -73,7 +70,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _load(path: str):
-  config, params = weights_lib.load(BUILTIN_MODEL if path == "builtin" else path)
+  config, params = weights_lib.load(weights_lib.model_path(path))
   return config, jax.device_put(params)
 
 
@@ -106,12 +103,6 @@ class _Run:
                       {"results": self.results, "seconds": self.times,
                        "config": json.loads(self.config.to_json_best_effort())})
 
-  def documents(self, source, min_tokens, count):
-    docs = data_lib.tokenized_documents(source, self.tokenizer, min_tokens=min_tokens, max_documents=count)
-    if len(docs) < count:
-      raise PipelineError(f"{source} has only {len(docs)} documents of >= {min_tokens} tokens; {count} needed")
-    return docs
-
 
 def _search_config(sub: ml_collections.ConfigDict, **search_overrides) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(sub.to_dict())
@@ -125,13 +116,11 @@ def _search(run: _Run, name: str, sub, model, *, target: int, stage: str = "long
             base_length: int = 0, n_hat: bool = True):
   c = _search_config(sub, target_length=target, search_n_hat=n_hat and sub.search.search_n_hat)
   c.stage, c.base_factors, c.base_length = stage, base_path, base_length
-  base_factors = None
-  if base_path:
-    base_factors = np.asarray(_factors(base_path, model[0]).long_factor, np.float64)
-  docs = run.documents(c.data.source, target, c.data.num_documents)
+  base = search_lib.load_base(c, model[0])  # the whole first-stage setting: factors and n̂
+  docs, info = search_lib.fitness_documents(c, run.tokenizer, target)
   start = time.time()
-  result = search_lib.run(c, model[0], model[1], docs, run.dir(name), base_factors=base_factors,
-                          target_length=target, stage=stage, tokenizer=run.tokenizer)
+  result = search_lib.run(c, model[0], model[1], docs, run.dir(name), base=base, target_length=target,
+                          stage=stage, tokenizer=run.tokenizer, document_info=info)
   seeds = {k: float(v) for k, v in result.seed_fitness.items()}
   run.record(name, {"factors": os.path.join(run.dir(name), "factors.json"), "fitness": float(result.fitness),
                     "seed_fitness": seeds, "n_hat": int(result.scaling.n_hat),
@@ -174,13 +163,14 @@ def _passkey(run: _Run, name: str, model, settings: dict[str, Callable[[int], ro
 
 
 def _factors(path: str, model_config) -> rope_lib.RopeScaling:
-  return factors_lib.load(path, n_layers=model_config.num_layers, rotary_dim=model_config.rotary_dim)
+  return factors_lib.resolve_file(path, original_length=model_config.original_length,
+                                  n_layers=model_config.num_layers, rotary_dim=model_config.rotary_dim)
 
 
 def _finetune(run: _Run):
   from lrjax import train as train_lib
   c = ml_collections.ConfigDict(run.config.finetune.to_dict())
-  c.init = BUILTIN_MODEL if run.config.model == "builtin" else run.config.model
+  c.init = weights_lib.model_path(run.config.model)
   for stage in c.stages:
     stage.rope = run.results["search_8x"]["factors"]
     stage.length = run.config.target_length
@@ -241,13 +231,13 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str, *,
     _search(run, "search_second", config.second, extended, target=t2, stage="second",
             base_path=run.results["search_8x"]["factors"], base_length=t)
   if pending("recovery"):
-    long = _factors(run.results["search_second"]["factors"], extended[0])
     c = _search_config(config.recovery, target_length=0)
     c.stage, c.base_length, c.base_factors = "short", t2, run.results["search_second"]["factors"]
-    docs = run.documents(c.data.source, max(c.short_lengths), c.data.num_documents)
+    docs, info = search_lib.fitness_documents(c, run.tokenizer, max(c.short_lengths))
     t0 = time.time()
     out = search_lib.run_short(c, extended[0], extended[1], docs, run.dir("recovery"),
-                               base_factors=np.asarray(long.long_factor, np.float64), tokenizer=run.tokenizer)
+                               base=search_lib.load_base(c, extended[0]), tokenizer=run.tokenizer,
+                               document_info=info)
     run.record("recovery", {"factors": os.path.join(run.dir("recovery"), "factors.json"),
                             "fitness": {str(n): float(r.fitness) for n, r in out.items() if n != "scaling"}},
                time.time() - t0)

@@ -28,6 +28,9 @@ import numpy as np
 
 METHODS = ("default", "linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
 TEMPERATURES = ("su", "yarn")
+# Which extension ratio sets the LongRoPE attention temperature: the setting's target (transformers, Phi-3, the
+# official main branch) or the length being processed (the paper's evaluation code: 1.0 within the window).
+TEMPERATURE_FROM = ("target", "length")
 
 
 class RopeError(ValueError):
@@ -40,10 +43,11 @@ class RopeScaling:
 
   Attributes:
     method: one of METHODS.
-    factor: extension ratio s (target length / original length). For longrope, None means
-      max_position_embeddings / original_max_position_embeddings, as in transformers.
-    original_max_position_embeddings: L, the pre-training window (yarn, llama3, longrope, and the n̂/su
-      temperature reference).
+    factor: extension ratio s (target length / original length). Required by linear, ntk, dynamic, yarn and
+      llama3. longrope may leave it None only until `resolve` fills it from a target length: arrays are never
+      built from a longrope setting without s (its attention temperature depends on it).
+    original_max_position_embeddings: L, the pre-training window (yarn, llama3, longrope and its temperature;
+      dynamic NTK's reference length when set, else the model's max_position_embeddings as in transformers).
     beta_fast, beta_slow, truncate: YaRN ramp settings (rotations per L tokens).
     attention_factor: explicit attention factor (yarn, longrope); replaces the formula.
     mscale, mscale_all_dim: DeepSeek-style YaRN attention-factor rule.
@@ -55,10 +59,13 @@ class RopeScaling:
     n_hat: LongRoPE n̂: positions < n_hat keep the original angles and magnitude 1.
     temperature: longrope attention factor policy: "su" = sqrt(1 + ln s / ln L), "yarn" = 0.1 ln s + 1, or a
       constant number. Ignored when attention_factor is set.
+    temperature_from: "target" (s of the setting, as transformers and Phi-3 apply it at every length) or
+      "length" (s = max(1, length / L) of the sequence being processed, as the paper's evaluation code did);
+      "length" uses the `temperature` policy, so it cannot be combined with an explicit attention_factor.
   """
 
   method: str = "default"
-  factor: float | None = 1.0
+  factor: float | None = None
   original_max_position_embeddings: int | None = None
   beta_fast: float = 32.0
   beta_slow: float = 1.0
@@ -73,6 +80,7 @@ class RopeScaling:
   buckets: tuple = ()
   n_hat: int = 0
   temperature: str | float = "su"
+  temperature_from: str = "target"
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -101,10 +109,17 @@ class RopeScaling:
         except ValueError:
           raise RopeError(f"unknown temperature policy {self.temperature!r}; expected 'su', 'yarn' or a "
                           "number") from None
-    elif self.method != "default":
-      if self.method != "longrope" and (self.factor is None or not math.isfinite(self.factor)
-                                        or self.factor <= 0):
-        raise RopeError(f"{self.method} needs a positive finite factor, got {self.factor}")
+      if self.temperature_from not in TEMPERATURE_FROM:
+        raise RopeError(f"unknown temperature_from {self.temperature_from!r}; expected one of "
+                        f"{', '.join(TEMPERATURE_FROM)}")
+      if self.temperature_from == "length" and self.attention_factor is not None:
+        raise RopeError("temperature_from='length' derives the temperature from each length with the "
+                        "`temperature` policy; it cannot be combined with an explicit attention_factor")
+    if self.method != "default" and self.factor is not None and (not math.isfinite(self.factor)
+                                                                 or self.factor <= 0):
+      raise RopeError(f"{self.method} needs a positive finite factor, got {self.factor}")
+    if self.method not in ("default", "longrope") and self.factor is None:
+      raise RopeError(f"{self.method} needs a factor (the extension ratio s)")
     if self.method in ("yarn", "llama3") and not self.original_max_position_embeddings:
       raise RopeError(f"{self.method} needs original_max_position_embeddings")
 
@@ -186,30 +201,68 @@ def yarn_ramp(low: float, high: float, n: int) -> np.ndarray:
   return np.clip(ramp, 0, 1).astype(np.float32)
 
 
-def longrope_attention_factor(scaling: RopeScaling, max_position_embeddings: int | None) -> float:
-  """The longrope temperature (magnitude of cos/sin): explicit, 'su', 'yarn' or a constant."""
+def policy_temperature(policy: str | float, scale: float, original_length: int) -> float:
+  """The LongRoPE attention temperature (cos/sin magnitude) of a policy at extension ratio `scale`.
+
+  "su": sqrt(1 + ln s / ln L) (1 for s <= 1); "yarn": 0.1 ln s + 1 (1 for s <= 1); a number: that constant.
+  Logits scale by its square.
+  """
+  if policy == "su":
+    return 1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(original_length))
+  if policy == "yarn":
+    return _get_mscale(scale)
+  return float(policy)
+
+
+def longrope_attention_factor(scaling: RopeScaling, seq_len: int | None = None) -> float:
+  """The longrope temperature: explicit attention_factor, else the policy at the target's s, or at the processed
+  length's s (max(1, seq_len / L)) when temperature_from == "length" and seq_len is given."""
   if scaling.attention_factor is not None:
     return float(scaling.attention_factor)
-  original = scaling.original_max_position_embeddings or max_position_embeddings
-  s = longrope_scale(scaling, max_position_embeddings)
-  if scaling.temperature == "su":
-    return 1.0 if s <= 1 else math.sqrt(1 + math.log(s) / math.log(original))
-  if scaling.temperature == "yarn":
-    return _get_mscale(s)
-  return float(scaling.temperature)
+  original = _original(scaling)
+  if scaling.temperature_from == "length" and seq_len is not None:
+    return policy_temperature(scaling.temperature, max(1.0, seq_len / original), original)
+  return policy_temperature(scaling.temperature, longrope_scale(scaling), original)
 
 
-def longrope_scale(scaling: RopeScaling, max_position_embeddings: int | None) -> float:
-  if scaling.factor is not None:
-    return float(scaling.factor)
-  original = scaling.original_max_position_embeddings or max_position_embeddings
-  if not original or not max_position_embeddings:
-    raise RopeError("longrope without factor needs max_position_embeddings and "
-                    "original_max_position_embeddings")
-  return max_position_embeddings / original
+def longrope_scale(scaling: RopeScaling) -> float:
+  """s of a longrope setting; an unresolved one (no factor) is an error naming what is missing."""
+  if scaling.factor is None:
+    raise RopeError("this longrope setting has no extension ratio s = target length / original window, which "
+                    "sets its attention temperature; give the target length (a factor file's target_length, "
+                    "a setting's ?target_length=, the stage or search length) or an explicit factor")
+  return float(scaling.factor)
 
 
-def select_longrope_factors(scaling: RopeScaling, seq_len: int | None, max_position_embeddings=None):
+def _original(scaling: RopeScaling) -> int:
+  if not scaling.original_max_position_embeddings:
+    raise RopeError(f"this {scaling.method} setting has no original window (original_max_position_embeddings); "
+                    "resolve it against the model (rope.resolve) first")
+  return int(scaling.original_max_position_embeddings)
+
+
+def resolve(scaling: RopeScaling, *, original_length: int, target_length: int | None = None) -> RopeScaling:
+  """Makes a setting explicit against a model: the one rule every path (evaluate, search, train, convert,
+  decode) uses.
+
+  The setting's own values win; otherwise L = `original_length` (the model's original window) for the methods
+  that read it, and for longrope s = target_length / L. A longrope setting whose s is still unknown while its
+  temperature depends on it (no explicit attention_factor) is an error naming what is missing (it would
+  otherwise run with s = 1 and no temperature).
+  """
+  if scaling.method in ("default", "linear", "ntk"):
+    return scaling
+  if not scaling.original_max_position_embeddings:
+    scaling = scaling.replace(original_max_position_embeddings=int(original_length))
+  if scaling.method == "longrope" and scaling.factor is None:
+    if target_length:
+      scaling = scaling.replace(factor=max(1.0, target_length / scaling.original_max_position_embeddings))
+    elif scaling.attention_factor is None:  # s would set the temperature: it must be known
+      longrope_scale(scaling)  # raises, naming what is missing
+  return scaling
+
+
+def select_longrope_factors(scaling: RopeScaling, seq_len: int | None):
   """The factor set that applies to a whole sequence of `seq_len` tokens (max position + 1).
 
   Phi-3/transformers switch: short_factor while seq_len <= L, long_factor beyond. Paper-style buckets, when
@@ -219,8 +272,7 @@ def select_longrope_factors(scaling: RopeScaling, seq_len: int | None, max_posit
     for max_len, factors in scaling.buckets:
       if seq_len <= max_len:
         return factors
-    original = scaling.original_max_position_embeddings or max_position_embeddings
-    if scaling.short_factor is not None and original is not None and seq_len <= original:
+    if scaling.short_factor is not None and seq_len <= _original(scaling):
       return scaling.short_factor
   return scaling.long_factor
 
@@ -234,9 +286,10 @@ def inv_freq_and_attention_factor(scaling: RopeScaling, *, dim: int, theta: floa
     scaling: the setting.
     dim: rotary dim d (head_dim * partial_rotary_factor).
     theta: rope_theta b.
-    max_position_embeddings: the model config's value (dynamic NTK's L; longrope's default target).
-    seq_len: length of the sequence being processed (max position + 1); used by dynamic NTK and the longrope
-      short/long switch. None means "at initialisation" for dynamic and "long" for longrope.
+    max_position_embeddings: the model config's value (dynamic NTK's L when the setting has no original).
+    seq_len: length of the sequence being processed (max position + 1); used by dynamic NTK, the longrope
+      short/long switch and temperature_from="length". None means "at initialisation" for dynamic and "long"
+      (the target) for longrope.
   """
   m = scaling.method
   s = scaling.factor
@@ -247,9 +300,10 @@ def inv_freq_and_attention_factor(scaling: RopeScaling, *, dim: int, theta: floa
   if m == "ntk":
     return default_inv_freq(dim, theta * s ** (dim / (dim - 2))), 1.0
   if m == "dynamic":
-    if not max_position_embeddings:
-      raise RopeError("dynamic NTK needs max_position_embeddings")
-    L = max_position_embeddings
+    L = scaling.original_max_position_embeddings or max_position_embeddings
+    if not L:
+      raise RopeError("dynamic NTK needs its reference length (original_max_position_embeddings or the model's "
+                      "max_position_embeddings)")
     seq = max(seq_len or L, L)
     base = theta * ((s * seq / L) - (s - 1)) ** (dim / (dim - 2))
     return default_inv_freq(dim, base), 1.0
@@ -281,11 +335,11 @@ def inv_freq_and_attention_factor(scaling: RopeScaling, *, dim: int, theta: floa
     medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
   # longrope
-  factors = np.asarray(select_longrope_factors(scaling, seq_len, max_position_embeddings), np.float32)
-  if factors.shape[-1] != dim // 2:
+  factors = np.asarray(select_longrope_factors(scaling, seq_len), np.float32)
+  if factors.shape[-1] != dim // 2:  # checked before the temperature: the clearer problem first
     raise RopeError(f"longrope factor count {factors.shape[-1]} != rotary_dim/2 = {dim // 2}")
   inv = np.float32(1.0) / (factors * _pos_freqs(dim, theta))
-  return inv.astype(np.float32), longrope_attention_factor(scaling, max_position_embeddings)
+  return inv.astype(np.float32), longrope_attention_factor(scaling, seq_len)
 
 
 def rope_arrays(scaling: RopeScaling, *, dim: int, theta: float, n_layers: int,
@@ -299,12 +353,6 @@ def rope_arrays(scaling: RopeScaling, *, dim: int, theta: float, n_layers: int,
   n_hat = scaling.n_hat if scaling.method == "longrope" else 0
   return RopeArrays(inv_freq=inv, base_inv_freq=default_inv_freq(dim, theta),
                     mscale=np.float32(attn), n_hat=np.int32(n_hat))
-
-
-def longrope_inv_freq(factors: jax.Array | np.ndarray, *, dim: int, theta: float):
-  """inv_freq = 1 / (λ · b^(2i/d)) for factors [..., d/2]; works on host and device (traced factors)."""
-  xp = jnp if isinstance(factors, jax.Array) else np
-  return 1.0 / (xp.asarray(factors, xp.float32) * _pos_freqs(dim, theta))
 
 
 def stack_rope_arrays(items: Sequence[RopeArrays]) -> RopeArrays:

@@ -115,9 +115,17 @@ def _check_keys(where: str, got: Iterable[str], allowed: set, required: set = fr
 
 
 def model_config(config) -> model_lib.ModelConfig:
-  """The ModelConfig of `config.model` (every key must be a ModelConfig field)."""
+  """The ModelConfig of `config.model` (every key must be a ModelConfig field). Its original window is
+  config.model's when given, else the one `config.init` declares (e.g. Mistral's 4096)."""
   m = _to_dict(config.model)
   _check_keys("config.model", m, _MODEL_FIELDS)
+  init = config.get("init")
+  if not m.get("original_max_position_embeddings") and init and (init == "builtin" or os.path.exists(init)):
+    from lrjax import weights  # only to read the init checkpoint's declared window
+    try:
+      m["original_max_position_embeddings"] = weights.original_length_of(weights.model_path(config.init))
+    except ValueError as e:
+      raise TrainError(f"config.init {config.init!r}: {str(e).splitlines()[0]}") from e
   try:
     return model_lib.ModelConfig(**m)
   except (TypeError, ValueError) as e:
@@ -125,14 +133,17 @@ def model_config(config) -> model_lib.ModelConfig:
 
 
 def stage_rope(stage_cfg: dict, model_cfg: model_lib.ModelConfig) -> rope_lib.RopeScaling:
-  """A stage's RopeScaling: a method name (with rope_factor) or a factor file path (lrjax.factors)."""
+  """A stage's RopeScaling: a method name (with rope_factor) or a factor file path (lrjax.factors), resolved by
+  the one rule (rope.resolve): L = the model's original window, and a factor table without its own target
+  takes s = stage length / L (the extension ratio sets the attention temperature)."""
   length = int(stage_cfg["length"]) if "length" in stage_cfg else None
   name = str(stage_cfg.get("rope", "default"))
+  original = model_cfg.original_length
   if name in rope_lib.METHODS and name != "longrope":
     if name == "default":
       return rope_lib.RopeScaling()
-    return rope_lib.RopeScaling(method=name, factor=float(stage_cfg.get("rope_factor", 1.0)),
-                                original_max_position_embeddings=model_cfg.max_position_embeddings)
+    return rope_lib.resolve(rope_lib.RopeScaling(method=name, factor=float(stage_cfg.get("rope_factor", 1.0))),
+                            original_length=original)
   if name == "longrope":
     raise TrainError("a longrope stage needs a factor file path as `rope` (searched factors), not the name")
   if not os.path.exists(name):
@@ -140,17 +151,10 @@ def stage_rope(stage_cfg: dict, model_cfg: model_lib.ModelConfig) -> rope_lib.Ro
                      "existing factor file")
   from lrjax import factors  # a factor file only when asked for
   try:
-    scaling = factors.load(name, n_layers=model_cfg.num_layers, rotary_dim=model_cfg.rotary_dim)
+    return factors.resolve_file(name, original_length=original, target_length=length,
+                                n_layers=model_cfg.num_layers, rotary_dim=model_cfg.rotary_dim)
   except ValueError as e:
     raise TrainError(str(e).splitlines()[0]) from e
-  if scaling.method == "longrope":
-    # A bare factor table (official CSV) says neither L nor s: L is the model's window, s = stage length / L
-    # (the extension ratio sets the attention temperature).
-    if scaling.original_max_position_embeddings is None:
-      scaling = scaling.replace(original_max_position_embeddings=model_cfg.max_position_embeddings)
-    if scaling.factor is None and length is not None:
-      scaling = scaling.replace(factor=max(length / scaling.original_max_position_embeddings, 1.0))
-  return scaling
 
 
 def parse_stages(config, model_cfg: model_lib.ModelConfig) -> list[Stage]:
@@ -489,7 +493,7 @@ def _initial_params(config, model_cfg: model_lib.ModelConfig, key: jax.Array):
     return model_lib.init_params(model_cfg, key)
   from lrjax import weights
   try:
-    loaded_cfg, params = weights.load(config.init)
+    loaded_cfg, params = weights.load(weights.model_path(config.init))
   except (ValueError, OSError) as e:
     raise TrainError(f"config.init {config.init!r}: {str(e).splitlines()[0]}") from e
   diff = [f"{f}={getattr(loaded_cfg, f)!r} (config.model: {getattr(model_cfg, f)!r})" for f in _ARCH_FIELDS
@@ -505,7 +509,8 @@ def export_hf(directory: str, model_cfg: model_lib.ModelConfig, params, stage: S
   with max_position_embeddings = max(the model's, the stage length)."""
   from lrjax import weights
   scaling = None if stage.rope.method == "default" else stage.rope
-  cfg = model_cfg.replace(max_position_embeddings=max(model_cfg.max_position_embeddings, stage.length))
+  cfg = model_cfg.replace(max_position_embeddings=max(model_cfg.max_position_embeddings, stage.length),
+                          original_max_position_embeddings=model_cfg.original_length)
   weights.save_hf(directory, cfg, jax.device_get(params), rope_scaling=scaling, dtype="float32")
 
 

@@ -99,6 +99,7 @@ def config_from_hf(config: dict) -> model_lib.ModelConfig:
     theta, scaling = factors.rope_scaling_from_hf(config)
   except rope_lib.RopeError as e:
     raise WeightsError(str(e)) from None
+  original = original_window(config, scaling)
   partial = factors.hf_rope_dict(config).get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
   if partial not in (None, 1, 1.0):
     raise WeightsError(f"partial_rotary_factor={partial} is not supported for LlamaForCausalLM checkpoints")
@@ -112,13 +113,30 @@ def config_from_hf(config: dict) -> model_lib.ModelConfig:
         head_dim=config.get("head_dim") or config["hidden_size"] // heads, rope_theta=theta,
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(config.get("max_position_embeddings", 2048)), rope_scaling=scaling,
+        max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+        original_max_position_embeddings=original, rope_scaling=scaling,
         bos_token_id=config.get("bos_token_id"), eos_token_id=tuple(eos) if isinstance(eos, list) else eos)
   except (TypeError, ValueError) as e:
     raise WeightsError(f"invalid model config: {e}") from None
   if scaling.method == "longrope":
     _validate_scaling(scaling, cfg, "config.json")
   return cfg
+
+
+def original_window(config: dict, scaling: rope_lib.RopeScaling) -> int | None:
+  """The pre-training window of an HF checkpoint, or None for max_position_embeddings.
+
+  In order: original_max_position_embeddings (Phi-3 keeps it at the top level; YaRN / Llama 3 / longrope in the
+  rope dict); then Mistral's rule, as the official LongRoPE code applies it: a sliding window is the window the
+  model was trained at (Mistral-7B v0.1: 4096 of max_position_embeddings 32768).
+  """
+  if scaling.original_max_position_embeddings:
+    return int(scaling.original_max_position_embeddings)
+  if config.get("original_max_position_embeddings"):
+    return int(config["original_max_position_embeddings"])
+  if config.get("model_type") == "mistral" and config.get("sliding_window"):
+    return int(config["sliding_window"])
+  return None
 
 
 def _validate_scaling(scaling, cfg, source):
@@ -142,6 +160,8 @@ def config_to_hf(config: model_lib.ModelConfig, *, rope_scaling: rope_lib.RopeSc
   except rope_lib.RopeError as e:
     raise WeightsError(str(e)) from None
   eos = config.eos_token_id
+  if config.original_length != config.max_position_embeddings:
+    rope_fields.setdefault("original_max_position_embeddings", config.original_length)
   return {
       "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": config.vocab_size,
       "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
@@ -868,10 +888,50 @@ def checkpoint_format(path: str | os.PathLike) -> str:
                      "consolidated.*.pth [Meta], or lrjax_config.json [native])")
 
 
+def original_length_of(path: str | os.PathLike) -> int | None:
+  """The original window a checkpoint declares (ModelConfig.original_max_position_embeddings), read from its
+  config alone; None when it declares none (then it is max_position_embeddings)."""
+  kind = checkpoint_format(path)
+  if kind == "hf":
+    config_path = os.path.join(os.fspath(path), "config.json")
+    try:
+      return config_from_hf(_read_json(config_path, "config.json")).original_max_position_embeddings
+    except WeightsError as e:
+      raise WeightsError(f"{config_path}: {e}") from None
+  if kind == "native":
+    doc = _read_json(os.path.join(os.fspath(path), "lrjax_config.json"), "lrjax_config.json")
+    return (doc.get("config") or {}).get("original_max_position_embeddings")
+  return None  # Meta params.json has no such field
+
+
 def load(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[model_lib.ModelConfig, dict]:
   """Loads any supported checkpoint directory (see checkpoint_format)."""
   kind = checkpoint_format(path)
   return {"native": load_native, "hf": load_hf, "meta": load_meta}[kind](path, dtype=dtype)
+
+
+# The model every default command runs on: a byte-level LLaMA pretrained by configs/pretrain.py (HF format).
+BUILTIN_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "model")
+
+
+def model_path(spec: str) -> str:
+  """The checkpoint directory of a config's `model` value: "builtin" or a path (which must exist)."""
+  path = BUILTIN_MODEL if spec == "builtin" else os.fspath(spec)
+  if not os.path.exists(path):
+    if spec == "builtin":
+      raise WeightsError(f"the built-in model is missing ({path}); it is produced by the pretraining job "
+                         "(experiments/train.py --config=configs/pretrain.py), or pass a model directory")
+    raise WeightsError(f"model {spec!r}: {path} does not exist")
+  return path
+
+
+def load_model(spec: str, **execution) -> tuple[model_lib.ModelConfig, dict]:
+  """(ModelConfig with execution settings applied, host params) of a config's `model` ("builtin" or a path).
+
+  execution: ModelConfig fields that do not change the weights (dtype, attention, block_q, block_k, ...).
+  """
+  cfg, params = load(model_path(spec))
+  return cfg.replace(**execution), params
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -888,11 +948,11 @@ def convert(source: str | os.PathLike, dest: str | os.PathLike, *, format: str =
   Args:
     dtype: storage dtype of the output (None: the source's).
     max_shard_bytes: hf only; shard the safetensors above this size.
-    scaling: a RoPE setting to write into the exported config (e.g. from a factor file). A longrope setting
-      without original_max_position_embeddings takes the source's pre-training window (its own scaling's
-      original length, else its max_position_embeddings).
+    scaling: a RoPE setting to write into the exported config (e.g. from a factor file), resolved by
+      rope.resolve against the source's original window (ModelConfig.original_length).
     target_length: the exported max_position_embeddings (with `scaling` only; default: keep the source's).
-      A longrope setting without an explicit factor takes s = target_length / original from it.
+      A longrope setting without an explicit factor takes s = target_length / original from it; one with
+      neither is an error.
   Tokenizer files next to an HF or Meta source are copied along (hf: all of them; meta: tokenizer.model).
   """
   if format not in FORMATS:
@@ -910,18 +970,17 @@ def convert(source: str | os.PathLike, dest: str | os.PathLike, *, format: str =
   _check_dest(dest, overwrite)  # before the (long) load
   cfg, params = load(source, dtype=dtype)
   if scaling is not None:
-    if scaling.method in ("longrope", "yarn", "llama3") and not scaling.original_max_position_embeddings:
-      original = cfg.rope_scaling.original_max_position_embeddings or cfg.max_position_embeddings
-      scaling = scaling.replace(original_max_position_embeddings=original)
-    if scaling.method == "longrope" and scaling.factor is None and target_length is None:
-      raise WeightsError("the longrope factors carry neither a factor nor a target length; give the target "
-                         "length (the exported max_position_embeddings) so the attention temperature is defined")
     if scaling.method == "dynamic" and target_length not in (None, cfg.max_position_embeddings):
       raise WeightsError("dynamic NTK reads max_position_embeddings as the original length; a target_length "
                          "would change its frequencies (leave it unset)")
+    try:  # the one rule: the setting's own values, else L = the source's window and s = target / L
+      scaling = rope_lib.resolve(scaling, original_length=cfg.original_length, target_length=target_length)
+    except rope_lib.RopeError as e:
+      raise WeightsError(f"factors: {e}") from None
     _validate_scaling(scaling, cfg, "factors")
     cfg = cfg.replace(rope_scaling=scaling, max_position_embeddings=int(target_length or
-                                                                        cfg.max_position_embeddings))
+                                                                        cfg.max_position_embeddings),
+                      original_max_position_embeddings=cfg.original_length)
   out_dtype = dtype or cfg.param_dtype
   copy = {"hf": _TOKENIZER_FILES, "meta": ("tokenizer.model",), "native": ()}[format]
   extra = {n: os.path.join(source, n) for n in copy if os.path.isfile(os.path.join(source, n))}
@@ -936,8 +995,7 @@ def convert(source: str | os.PathLike, dest: str | os.PathLike, *, format: str =
     weights_files = 1
     save_native(dest, cfg, params, overwrite=overwrite)
   s = cfg.rope_scaling
-  rope_desc = s.method + (f" s={rope_lib.longrope_scale(s, cfg.max_position_embeddings):g}"
-                          if s.method == "longrope" else f" s={s.factor:g}" if s.method != "default" else "")
+  rope_desc = s.method + (f" s={s.factor:g}" if s.method != "default" else "")
   return (f"{source} ({src_format}) -> {dest} ({format}, {out_dtype}, {weights_files} weight file(s)): "
           f"{cfg.num_layers} layers, {cfg.num_params() / 1e6:.2f}M params, max_position_embeddings "
           f"{cfg.max_position_embeddings}, rope {rope_desc}"

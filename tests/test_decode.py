@@ -11,7 +11,7 @@ from lrjax import rope as R
 
 CFG = M.ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                     num_kv_heads=2, head_dim=16, max_position_embeddings=256, block_q=16, block_k=16)
-SCALING = R.RopeScaling("longrope", factor=None, original_max_position_embeddings=64,
+SCALING = R.RopeScaling("longrope", factor=4.0, original_max_position_embeddings=64,
                         long_factor=np.linspace(1, 4, 8), short_factor=np.linspace(1, 1.5, 8))
 
 
@@ -57,13 +57,47 @@ def test_reprefill_crosses_switch_without_mixing(params):
   assert not np.array_equal(got, static), "the switch should change the continuation"
 
 
-def test_mixed_cache_would_be_detected(params):
-  """Guard on the test itself: decoding past the switch with the short-factor cache diverges from recompute."""
-  prompt = np.random.RandomState(1).randint(0, 64, (2, 50))
-  short = R.RopeScaling("longrope", factor=None, original_max_position_embeddings=64,
-                        long_factor=SCALING.short_factor)
-  stale = decode.greedy_generate(CFG, params, prompt, 30, scaling=short, pad_multiple=16)
-  assert not np.array_equal(stale, _recompute(params, prompt, 30, lambda n: n))
+@pytest.fixture(scope="module")
+def hf_model(params, tmp_path_factory):
+  """The same weights and longrope setting in transformers' LlamaForCausalLM (an independent implementation)."""
+  import transformers
+  from lrjax import weights
+  path = tmp_path_factory.mktemp("decode") / "hf"
+  weights.save_hf(path, CFG, jax.tree.map(np.asarray, params), rope_scaling=SCALING)
+  return transformers.LlamaForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+
+
+def _hf_generate(model, prompt, n, *, use_cache):
+  import torch
+  with torch.no_grad():
+    ids = torch.as_tensor(prompt)
+    # An explicit mask: generate would otherwise infer one from pad_token_id and mask every 0 in the prompt.
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, use_cache=use_cache, pad_token_id=0)
+  return out[:, prompt.shape[1]:].numpy()
+
+
+@pytest.mark.parametrize("prompt_len, new", [(20, 12), (50, 30), (80, 12)])
+def test_reprefill_equals_transformers_generate(params, hf_model, prompt_len, new):
+  """Short factors within the window (20 + 12), crossing it (50 + 30 > 64), long beyond it (80 + 12):
+  transformers picks the set from the current length at every step; without a cache that never mixes two sets,
+  which is exactly the reprefill policy (a cache rebuilt at the switch)."""
+  prompt = np.random.RandomState(prompt_len).randint(0, 64, (2, prompt_len))
+  got = decode.greedy_generate(CFG, params, prompt, new, scaling=SCALING, policy="reprefill", pad_multiple=16)
+  np.testing.assert_array_equal(got, _hf_generate(hf_model, prompt, new, use_cache=False))
+
+
+def test_total_length_equals_transformers_cached_generate_with_the_final_set(params, hf_model, tmp_path):
+  """The default policy binds the set chosen by the final length (long here: 50 + 30 > 64) to the whole
+  sequence; transformers' cached generate with that set on both sides of its switch decodes the same."""
+  import transformers
+  from lrjax import weights
+  long_only = SCALING.replace(short_factor=SCALING.long_factor)
+  weights.save_hf(tmp_path / "long", CFG, jax.tree.map(np.asarray, params), rope_scaling=long_only)
+  model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "long", attn_implementation="eager").eval()
+  prompt = np.random.RandomState(7).randint(0, 64, (2, 50))
+  got = decode.greedy_generate(CFG, params, prompt, 30, scaling=SCALING, pad_multiple=16)
+  np.testing.assert_array_equal(got, _hf_generate(model, prompt, 30, use_cache=True))
 
 
 def test_unknown_policy(params):

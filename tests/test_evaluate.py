@@ -99,13 +99,39 @@ def test_sliding_matches_reference(params, logits_fn, bos):
   res = evaluate.perplexity(CFG, params, docs, length=20, rope=DYNAMIC, protocol="sliding", stride=7,
                             batch_size=3, bos_id=bos)
   ref = _reference(logits_fn, params, docs, 20, bos, DYNAMIC, stride=7)
+  _check_against_reference(res, ref)
+  # every body token but an initial one without BOS is scored exactly once
+  assert res.count == sum(len(d) - 1 for d in docs)
+
+
+@pytest.mark.parametrize("bos", [None, 255])
+def test_stride_beyond_the_window_samples_disjoint_windows(params, logits_fn, bos):
+  """The paper's Books3 protocol (a 256k stride at 8k): stride > L - 1 gives disjoint windows, each fully scored
+  and the tokens between them unscored, exactly as the official (HF-style) loop does."""
+  docs = _docs([80, 20, 61], seed=5, bos=bos)
+  res = evaluate.perplexity(CFG, params, docs, length=20, rope=DYNAMIC, protocol="sliding", stride=25,
+                            batch_size=2, bos_id=bos)
+  ref = _reference(logits_fn, params, docs, 20, bos, DYNAMIC, stride=25)
+  _check_against_reference(res, ref)
+  assert res.num_windows == 4 + 1 + 3 and res.count < sum(len(d) - 1 for d in docs)
+
+
+@pytest.mark.parametrize("bos", [None, 255])
+def test_short_documents_kept_as_one_shorter_window(params, logits_fn, bos):
+  """PG19: the paper scores the whole test split; a book shorter than the window is one shorter window."""
+  docs = _docs([12, 45, 7], seed=6, bos=bos)
+  res = evaluate.perplexity(CFG, params, docs, length=20, rope=DYNAMIC, protocol="sliding", stride=7,
+                            batch_size=2, bos_id=bos, short_documents="keep")
+  _check_against_reference(res, _reference(logits_fn, params, docs, 20, bos, DYNAMIC, stride=7))
+  assert res.num_documents == 3
+
+
+def _check_against_reference(res, ref):
   assert res.num_windows == len(ref)
   np.testing.assert_allclose(res.window_count, ref[:, 1])
   np.testing.assert_allclose(res.window_nll, ref[:, 0], rtol=3e-5)
   np.testing.assert_allclose(res.ppl, np.exp(np.mean(ref[:, 0] / ref[:, 1])), rtol=3e-5)
   np.testing.assert_allclose(res.token_ppl, np.exp(ref[:, 0].sum() / ref[:, 1].sum()), rtol=3e-5)
-  # every body token but an initial one without BOS is scored exactly once
-  assert res.count == sum(len(d) - 1 for d in docs)
 
 
 @settings(max_examples=60, deadline=None)
@@ -138,7 +164,7 @@ def test_new_factors_do_not_recompile(params):
       lambda name, *a, **k: events.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
   docs = _docs([24, 24, 24], seed=4)
   rs = np.random.RandomState(5)
-  scalings = [rope_lib.RopeScaling("longrope", long_factor=1 + rs.rand(CFG.rotary_dim // 2) * 3,
+  scalings = [rope_lib.RopeScaling("longrope", factor=2.0, long_factor=1 + rs.rand(CFG.rotary_dim // 2) * 3,
                                    original_max_position_embeddings=16) for _ in range(3)]
   results = []
   for i, scaling in enumerate(scalings):
@@ -185,8 +211,8 @@ def test_bad_inputs(params):
     run(length=40, short_documents="skip")
   with pytest.raises(evaluate.EvalError, match="unknown protocol 'strided'"):
     run(protocol="strided", short_documents="skip")
-  with pytest.raises(evaluate.EvalError, match=r"1 <= stride <= length - 1 = 19, got 20"):
-    run(protocol="sliding", stride=20, short_documents="skip")
+  with pytest.raises(evaluate.EvalError, match=r"sliding windows need a stride >= 1 .*, got 0"):
+    run(protocol="sliding", stride=0, short_documents="skip")
   with pytest.raises(evaluate.EvalError, match="outside the model's vocabulary"):
     run(docs=[np.full(25, 256, np.int32)])
   with pytest.raises(evaluate.EvalError, match="no documents"):
@@ -284,7 +310,7 @@ def test_experiment_cli_prints_one_line_error(tmp_path):
                          f"--config.model={tmp_path}/nope", f"--workdir={tmp_path}/w"],
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1
-  assert proc.stderr.strip().splitlines()[-1] == f"error: model '{tmp_path}/nope': no such directory"
+  assert proc.stderr.strip().splitlines()[-1] == f"error: model '{tmp_path}/nope': {tmp_path}/nope does not exist"
 
 
 @pytest.mark.parametrize("heads", [(4, 4), (4, 1)])

@@ -27,7 +27,7 @@ SETTINGS = {
     "yarn_mscale": rope.RopeScaling(method="yarn", factor=40.0, original_max_position_embeddings=64, mscale=0.707,
                                     mscale_all_dim=1.0),
     "llama3": rope.RopeScaling(method="llama3", factor=8.0, original_max_position_embeddings=64),
-    "longrope": rope.RopeScaling(method="longrope", factor=None, original_max_position_embeddings=64,
+    "longrope": rope.RopeScaling(method="longrope", factor=4.0, original_max_position_embeddings=64,
                                  long_factor=LONG, short_factor=SHORT),
     "longrope_long_only": rope.RopeScaling(method="longrope", factor=8.0, original_max_position_embeddings=64,
                                            long_factor=LONG, temperature="yarn"),
@@ -317,7 +317,8 @@ def test_export_errors_and_explicit_n_hat_drop():
     factors.rope_scaling_to_hf(s, **kw)
   dropped = factors.rope_scaling_to_hf(s, allow_dropping_n_hat=True, **kw)
   assert dropped == factors.rope_scaling_to_hf(SETTINGS["longrope"], **kw)
-  table = rope.RopeScaling(method="longrope", long_factor=np.ones((2, 8)), original_max_position_embeddings=64)
+  table = rope.RopeScaling(method="longrope", factor=4.0, long_factor=np.ones((2, 8)),
+                           original_max_position_embeddings=64)
   with pytest.raises(rope.RopeError, match=r"per-layer long_factor tables cannot be expressed"):
     factors.rope_scaling_to_hf(table, **kw)
   bucketed = SETTINGS["longrope"].replace(buckets=((128, LONG),))
@@ -325,3 +326,84 @@ def test_export_errors_and_explicit_n_hat_drop():
     factors.rope_scaling_to_hf(bucketed, **kw)
   with pytest.raises(rope.RopeError, match=r"long_factor has 8 factors but rotary_dim/2 = 16"):
     factors.rope_scaling_to_hf(SETTINGS["longrope"], rope_theta=1e4, max_position_embeddings=256, rotary_dim=32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One temperature rule on every path: s = target length / original window unless the setting says otherwise.
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PUBLISHED_128K = os.path.join(ROOT, "configs", "factors", "llama2_7b_ft_128k.csv")
+
+
+def _llama2():
+  from lrjax import model
+  return model.ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                           num_heads=32, num_kv_heads=32, head_dim=128, max_position_embeddings=4096)
+
+
+def _hf_longrope_attention_factor(long_factor, max_position_embeddings, original):
+  cfg = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32, head_dim=128, num_hidden_layers=1,
+                                 max_position_embeddings=max_position_embeddings, rope_parameters={
+                                     "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": long_factor,
+                                     "long_factor": long_factor, "original_max_position_embeddings": original})
+  return float(ROPE_INIT_FUNCTIONS["longrope"](cfg, None)[1])
+
+
+def test_published_csv_takes_its_temperature_from_the_target_length():
+  """The official CSV evaluated at 128k on a 4k model: mscale = transformers' longrope attention factor for that
+  target (1.1902), where lrjax used to evaluate it with 1.0; and on every path the same value."""
+  from lrjax import evaluate, train
+  mc = _llama2()
+  table = factors.load(PUBLISHED_128K).long_factor
+  want = _hf_longrope_attention_factor(list(table), 131072, 4096)
+  assert want == pytest.approx(1.1902380714238083, rel=1e-12)
+  scaling = factors.resolve_file(PUBLISHED_128K, original_length=4096, target_length=131072, rotary_dim=128)
+  assert (scaling.factor, scaling.original_max_position_embeddings) == (32.0, 4096)
+  assert float(mc.rope_arrays(scaling, seq_len=8192).mscale) == pytest.approx(want, rel=1e-6)
+  setting = evaluate.parse_setting(f"{PUBLISHED_128K}?target_length=131072", mc)
+  assert float(mc.rope_arrays(setting.scaling_at(8192), seq_len=8192).mscale) == pytest.approx(want, rel=1e-6)
+  stage = train.stage_rope({"length": 131072, "rope": PUBLISHED_128K}, mc)
+  assert stage == scaling
+  # A bare table without a target is an error naming what is missing, never s = 1.
+  with pytest.raises(factors.FactorFileError, match="target length"):
+    factors.resolve_file(PUBLISHED_128K, original_length=4096)
+  with pytest.raises(ValueError, match=r"target_length"):
+    evaluate.parse_setting(PUBLISHED_128K, mc)
+  with pytest.raises(rope.RopeError, match="no extension ratio s = target length / original window"):
+    mc.rope_arrays(rope.RopeScaling(method="longrope", long_factor=table))
+
+
+def test_temperature_can_follow_the_evaluated_length_as_the_paper_code_did():
+  """temperature_from=length: mscale = sqrt(1 + ln(n/L) / ln L) at n > L, 1 within the window."""
+  from lrjax import evaluate
+  mc = _llama2()
+  setting = evaluate.parse_setting(f"{PUBLISHED_128K}?target_length=131072&temperature_from=length", mc)
+  for n, want in ((2048, 1.0), (4096, 1.0), (8192, math.sqrt(1 + math.log(2) / math.log(4096))),
+                  (131072, math.sqrt(1 + math.log(32) / math.log(4096)))):
+    assert float(mc.rope_arrays(setting.scaling_at(n), seq_len=n).mscale) == pytest.approx(want, rel=1e-6), n
+  with pytest.raises(rope.RopeError, match="cannot be combined with an explicit attention_factor"):
+    rope.RopeScaling(method="longrope", factor=2.0, long_factor=LONG, attention_factor=1.1, temperature_from="length")
+
+
+def test_original_window_is_a_property_of_the_model(tmp_path):
+  """Mistral-7B v0.1 style (sliding window 32 of max_position_embeddings 256): L = 32 everywhere."""
+  from configs import finetune
+  from lrjax import evaluate, model, weights
+  cfg = weights.config_from_hf({"architectures": ["MistralForCausalLM"], "model_type": "mistral",
+                                "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+                                "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                "max_position_embeddings": 256, "sliding_window": 32})
+  assert cfg.original_length == 32 and cfg.max_position_embeddings == 256
+  # PI/YaRN baselines scale from the window (s = 64 / 32), not from max_position_embeddings (where s = 1).
+  pi = evaluate.parse_setting("pi", cfg).scaling_at(64)
+  yarn = evaluate.parse_setting("yarn", cfg).scaling_at(64)
+  assert pi.factor == 2.0 and yarn.factor == 2.0 and yarn.original_max_position_embeddings == 32
+  # The export carries the window (transformers 4 reads original_max_position_embeddings at the top level).
+  exported = weights.config_to_hf(cfg)
+  assert exported["original_max_position_embeddings"] == 32
+  assert weights.config_from_hf(exported).original_length == 32
+  # Phi-3 style: the top-level original window.
+  phi = dict(exported, original_max_position_embeddings=16)
+  assert weights.config_from_hf(phi).original_length == 16
+  # The paper-scale Mistral config measures s against 4096, not 32768.
+  assert model.ModelConfig(**finetune.MISTRAL_7B).original_length == 4096

@@ -53,9 +53,10 @@ CASES = {
                    "original_max_position_embeddings": 8192, "rope_theta": 500000.0},
                   rope.RopeScaling(method="llama3", factor=8.0, original_max_position_embeddings=8192),
                   {"head_dim": 128, "max_position_embeddings": 131072}),
+    # transformers derives s = max_position_embeddings / original = 256 / 64; lrjax settings carry it explicitly.
     "longrope": ({"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG,
                   "original_max_position_embeddings": 64},
-                 rope.RopeScaling(method="longrope", factor=None, original_max_position_embeddings=64,
+                 rope.RopeScaling(method="longrope", factor=4.0, original_max_position_embeddings=64,
                                   short_factor=SHORT, long_factor=LONG), {}),
     "longrope_explicit": ({"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG, "factor": 2.0,
                            "attention_factor": 1.3, "original_max_position_embeddings": 64},
@@ -142,7 +143,7 @@ def test_partial_rotary_inv_freq(method):
   cfg = _llama_config({**params, "partial_rotary_factor": 0.5})
   scaling = {"linear": rope.RopeScaling(method="linear", factor=4.0),
              "yarn": rope.RopeScaling(method="yarn", factor=4.0, original_max_position_embeddings=64),
-             "longrope": rope.RopeScaling(method="longrope", factor=None, original_max_position_embeddings=64,
+             "longrope": rope.RopeScaling(method="longrope", factor=4.0, original_max_position_embeddings=64,
                                           short_factor=SHORT[:4], long_factor=LONG[:4])}[method]
   for seq in (10, 100):
     hf_inv, hf_attn = ROPE_INIT_FUNCTIONS[params["rope_type"]](cfg, None, seq_len=seq)
@@ -320,10 +321,12 @@ def test_bad_settings(kwargs, match):
 
 
 def test_bad_factor_counts_and_rows():
-  scaling = rope.RopeScaling(method="longrope", long_factor=[1.0] * 6)
+  scaling = rope.RopeScaling(method="longrope", factor=4.0, original_max_position_embeddings=64,
+                             long_factor=[1.0] * 6)
   with pytest.raises(rope.RopeError, match=r"longrope factor count 6 != rotary_dim/2 = 8"):
     _inv(scaling)
-  table = rope.RopeScaling(method="longrope", long_factor=np.ones((3, 8)))
+  table = rope.RopeScaling(method="longrope", factor=4.0, original_max_position_embeddings=64,
+                           long_factor=np.ones((3, 8)))
   with pytest.raises(rope.RopeError, match=r"per-layer factors have 3 rows but the model has 2 layers"):
     rope.rope_arrays(table, dim=16, theta=1e4, n_layers=2)
   assert rope.rope_arrays(table, dim=16, theta=1e4, n_layers=3).inv_freq.shape == (3, 8)

@@ -113,8 +113,9 @@ def test_exported_longrope_is_reproduced_by_transformers(tmp_path, loaded):
   cfg, params = loaded
   long = [1.0, 1.3, 2.0, 2.2, 5.0, 6.0, 7.5, 8.0]  # not monotone on purpose
   short = [1.0, 1.0, 1.1, 1.2, 1.2, 1.4, 1.5, 1.5]
-  scaling = rope.RopeScaling(method="longrope", factor=None, original_max_position_embeddings=16,
-                             long_factor=long, short_factor=short)
+  # s = max_position_embeddings / original, as transformers derives it (and lrjax states it).
+  scaling = rope.RopeScaling(method="longrope", factor=cfg.max_position_embeddings / 16,
+                             original_max_position_embeddings=16, long_factor=long, short_factor=short)
   weights.save_hf(tmp_path / "out", cfg, params, rope_scaling=scaling)
   config = json.loads((tmp_path / "out" / "config.json").read_text())
   assert config["rope_scaling"]["rope_type"] == config["rope_parameters"]["rope_type"] == "longrope"
@@ -131,7 +132,8 @@ def test_exported_longrope_is_reproduced_by_transformers(tmp_path, loaded):
 
 def test_export_refuses_what_hf_cannot_express(tmp_path, loaded):
   cfg, params = loaded
-  n_hat = rope.RopeScaling(method="longrope", long_factor=[2.0] * 8, original_max_position_embeddings=16, n_hat=4)
+  n_hat = rope.RopeScaling(method="longrope", factor=4.0, long_factor=[2.0] * 8, original_max_position_embeddings=16,
+                           n_hat=4)
   with pytest.raises(weights.WeightsError, match=r"n_hat=4 cannot be expressed in an HF config") as e:
     weights.save_hf(tmp_path / "out", cfg, params, rope_scaling=n_hat)
   _one_line(e)
@@ -443,6 +445,6 @@ def test_convert_script_writes_factor_file_scaling(tmp_path, hf_dir):
   assert done.stderr.strip().splitlines() == [
       f"error: {tmp_path / 'out'} exists and is not empty (pass overwrite=True to replace it)"]
   assert {f: (tmp_path / "out" / f).read_bytes() for f in os.listdir(tmp_path / "out")} == before
-  with pytest.raises(weights.WeightsError, match=r"the longrope factors carry neither a factor nor a target "
-                                                 r"length"):
+  with pytest.raises(weights.WeightsError, match=r"factors: this longrope setting has no extension ratio s = "
+                                                 r"target length / original window"):
     weights.convert(hf_dir[0], tmp_path / "out2", scaling=factors.load(tmp_path / "result_final.csv"))
