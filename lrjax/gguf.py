@@ -298,8 +298,8 @@ def tokenizer_from_metadata(metadata: Mapping, source: str = "gguf") -> tokenize
   "gpt2": byte-level BPE (GPT-2's pre-tokenizer, or LLaMA 3's split for the llama3 family of
   tokenizer.ggml.pre values); add_bos defaults to False. "llama": SentencePiece-style BPE with byte fallback
   and a "▁" prefix on the first word; add_bos defaults to True (llama.cpp and transformers add BOS to a
-  SentencePiece vocabulary that does not say otherwise). Control tokens and bos/eos/unk/pad are special added
-  tokens, user-defined ones plain added tokens, so both are matched whole in text.
+  SentencePiece vocabulary that does not say otherwise). Control tokens and bos/eos/unk/pad (and, byte-level,
+  "<|endoftext|>") are special added tokens, user-defined ones plain added tokens: both match whole in text.
   """
   kind = metadata.get("tokenizer.ggml.model")
   if kind not in TOKENIZER_MODELS:
@@ -397,6 +397,10 @@ def _add_special_tokens(tok, tokens: list[str], token_types, ids: Mapping[str, i
   named = {i for i in ids.values() if i is not None}
   special = [i for i, kind in enumerate(token_types) if kind == _CONTROL
              and (spelled is None or set(tokens[i]) <= spelled)]  # outside the alphabet: a llama.cpp mislabel
+  # transformers' GPT2Tokenizer also makes GPT-2's "<|endoftext|>" special (it appends it when absent, growing the
+  # vocabulary past the model's: not followed).
+  if byte_level and "<|endoftext|>" in vocab:
+    named.add(vocab["<|endoftext|>"])
   special += sorted(i for i in named if i not in special)
   tok.add_special_tokens([AddedToken(tokens[i], normalized=False, special=True) for i in sorted(special)])
   plain = [t for t, kind in zip(tokens, token_types) if kind == _USER_DEFINED and t in vocab]

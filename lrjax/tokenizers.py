@@ -12,10 +12,13 @@ Every tokenizer has
 .gguf file (its tokenizer.ggml.* metadata, see lrjax.gguf), or a directory holding a tokenizer.json /
 tokenizer.model (tokenizer.json is preferred when both exist, as transformers' fast tokenizers do).
 
-add_bos / add_eos and the chat template come from tokenizer_config.json beside the file (add_bos_token,
-add_eos_token, chat_template; or a chat_template.jinja file), else from what the tokenizer itself says: the
-tokenizer.json post-processor (a special token before / after the sequence), the GGUF metadata, or for
-SentencePiece transformers' LlamaTokenizer default (BOS yes, EOS no). A flag is never True without its id.
+add_bos / add_eos follow what transformers 5 does with the same files: for a tokenizer.json, its post-processor
+(a special token before / after the sequence; transformers 5 ignores tokenizer_config.json's add_bos_token /
+add_eos_token beside a tokenizer.json); for a tokenizer.model, those tokenizer_config.json flags, defaulting to
+BOS yes, EOS no (LLaMA 1/2: Meta's and llama.cpp's encoders add BOS); for a .gguf, its
+tokenizer.ggml.add_bos_token / add_eos_token (see lrjax.gguf). A flag is never True without its id. The chat
+template is a chat_template.jinja beside the file, else tokenizer_config.json's chat_template (both as
+transformers reads them), else the GGUF's tokenizer.chat_template.
 
 The byte tokenizer is the built-in model's: ids are the UTF-8 bytes, vocab 256, and there are no BOS/EOS ids
 (every id is a byte; documents are separated by the trainer, not by special tokens), so bos_id and eos_id are
@@ -176,8 +179,12 @@ class HFTokenizer(_ChatTemplated):
 
   @classmethod
   def from_file(cls, path: str) -> "HFTokenizer":
-    """A tokenizer.json file; BOS/EOS, flags and template from tokenizer_config.json beside it, else from the
-    post-processor template (the special token before / after the sequence)."""
+    """A tokenizer.json file, with tokenizer_config.json beside it when present.
+
+    BOS/EOS ids: the config's bos_token / eos_token, else the post-processor template's special tokens before /
+    after the sequence. add_bos / add_eos: whether that template puts them there (transformers 5 drops the
+    config's add_bos_token / add_eos_token whenever a tokenizer.json exists; the file's post-processor decides).
+    """
     import tokenizers
 
     try:
@@ -195,9 +202,7 @@ class HFTokenizer(_ChatTemplated):
       bos_id = token_id(before[0]) if before else None
       eos_id = token_id(after[-1]) if after else None
       specials = {k: tok.id_to_token(i) for k, i in (("bos_token", bos_id), ("eos_token", eos_id)) if i is not None}
-    config = config or {}
-    return cls(tok, name=path, bos_id=bos_id, eos_id=eos_id,
-               add_bos=config.get("add_bos_token", bool(before)), add_eos=config.get("add_eos_token", bool(after)),
+    return cls(tok, name=path, bos_id=bos_id, eos_id=eos_id, add_bos=bool(before), add_eos=bool(after),
                chat_template=chat_template, special_tokens=specials)
 
   def encode(self, text: str) -> np.ndarray:
@@ -223,7 +228,7 @@ def _template_specials(post: dict) -> tuple[list[str], list[str]]:
 
 
 def _tokenizer_config(path: str) -> tuple[dict | None, str | None]:
-  """(tokenizer_config.json beside `path` or None, the chat template from it or from chat_template.jinja)."""
+  """(tokenizer_config.json beside `path` or None, the chat template from chat_template.jinja or from it)."""
   directory = os.path.dirname(os.path.abspath(path))
   config_path = os.path.join(directory, "tokenizer_config.json")
   config = None
@@ -239,7 +244,7 @@ def _tokenizer_config(path: str) -> tuple[dict | None, str | None]:
   if isinstance(template, list):  # named templates (transformers): the "default" one is the chat template
     template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
   jinja_path = os.path.join(directory, "chat_template.jinja")
-  if template is None and os.path.exists(jinja_path):
+  if os.path.exists(jinja_path):  # takes priority over the config's entry, as in transformers
     with open(jinja_path, encoding="utf-8") as f:
       template = f.read()
   if template is not None and not isinstance(template, str):

@@ -242,7 +242,8 @@ FALLBACK_TEXT = (
     "get the source code. And you must show them these terms so they know their rights.\n") * 2
 TRICKY = ["", " ", "   leading\tand trailing  ", "Hello  world\n\n\n  indented\r\nwindows",
           "café naïve über ☕ 日本語 🤗", "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
-          "x<|im_end|>y <|im_start|> z", "2024-01-02 3.14159 1e-5", "def f(x):\n\treturn x ** 2  # comment\n", "don't I'll we've THEY'RE"]
+          "x<|im_end|>y <|im_start|> z", "2024-01-02 3.14159 1e-5",
+          "def f(x):\n\treturn x ** 2  # comment\n", "don't I'll we've THEY'RE"]
 
 
 def _smollm_dir():
