@@ -10,6 +10,9 @@ then the ratio per doubling of length (target <= 2.2x) and whether 128k fits 24 
   python benchmarks/eval_memory.py                           # 32k, 64k, 128k, executed (CPU: slow, ~O(L^2))
   python benchmarks/eval_memory.py --mode=compile            # memory_analysis only (seconds)
   python benchmarks/eval_memory.py --lengths=8192,16384 --layers=1
+  python benchmarks/eval_memory.py --quick                   # smoke run: compile only, 4k and 8k, 1 layer
+
+Memory does not depend on the load; the run seconds (and the wall/cpu time of each child) do.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import json
 import os
 import subprocess
 import sys
-import time
+
+import harness  # first: puts the repository root on sys.path
 
 GIB = 1 << 30
 
@@ -48,9 +52,9 @@ def child(length: int, layers: int, mode: str) -> dict:
   out = {"length": length, "xla_bytes": int(xla), "xla_temp_bytes": int(mem.temp_size_in_bytes),
          "baseline_rss_bytes": int(base)}
   if mode == "run":
-    start = time.perf_counter()
-    result = evaluate.perplexity(cfg, params, [doc], length=length, batch_size=1)
-    out.update(seconds=time.perf_counter() - start, ppl=result.ppl, peak_rss_bytes=int(rss()))
+    with harness.timed() as timing:
+      result = evaluate.perplexity(cfg, params, [doc], length=length, batch_size=1)
+    out.update(seconds=timing.wall_s, cpu_seconds=timing.cpu_s, ppl=result.ppl, peak_rss_bytes=int(rss()))
   return out
 
 
@@ -60,40 +64,52 @@ def main():
   p.add_argument("--layers", type=int, default=4)
   p.add_argument("--mode", choices=("run", "compile"), default="run")
   p.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
-  args = p.parse_args()
+  args = harness.parse_args(p, quick=dict(mode="compile", lengths="4096,8192", layers=1))
   if args.child:
     print("RESULT " + json.dumps(child(args.child, args.layers, args.mode)), flush=True)
     return
+  # The children's platform (they inherit this environment); jax here only describes the backend.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import jax  # noqa: F401
+  bench = harness.Bench.start("eval_memory", args)
   lengths = [int(n) for n in args.lengths.split(",")]
   print(f"model (a) with {args.layers} layers, mode={args.mode}; one fresh process per length")
   rows = []
   for n in lengths:
-    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, __file__, f"--child={n}", f"--layers={args.layers}",
-                           f"--mode={args.mode}"], capture_output=True, text=True, env=env)
+    with harness.timed() as timing:
+      proc = subprocess.run([sys.executable, __file__, f"--child={n}", f"--layers={args.layers}",
+                             f"--mode={args.mode}"], capture_output=True, text=True)
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not line:
       print(f"{n}: failed (exit {proc.returncode})\n{proc.stderr[-2000:]}")
       sys.exit(1)
     r = json.loads(line[0][7:])
     rows.append(r)
+    bench.figure(f"{n} tokens: compiled (xla)", r["xla_bytes"] / GIB, "GiB", timed=False, fmt=".3f")
     msg = f"{n:>7} tokens: xla {r['xla_bytes'] / GIB:7.3f} GiB (temp {r['xla_temp_bytes'] / GIB:.3f})"
     if "peak_rss_bytes" in r:
-      msg += (f"  peak rss {r['peak_rss_bytes'] / GIB:7.3f} GiB (+{(r['peak_rss_bytes'] - r['baseline_rss_bytes']) / GIB:.3f}"
-              f" over baseline {r['baseline_rss_bytes'] / GIB:.3f})  {r['seconds']:.0f}s  ppl {r['ppl']:.2f}")
-    print(msg, flush=True)
+      bench.figure(f"{n} tokens: peak RSS", r["peak_rss_bytes"] / GIB, "GiB", timed=False, fmt=".3f")
+      seconds = bench.figure(f"{n} tokens: evaluation", r["seconds"], "s", fmt=".1f")
+      growth = (r["peak_rss_bytes"] - r["baseline_rss_bytes"]) / GIB
+      msg += (f"  peak rss {r['peak_rss_bytes'] / GIB:7.3f} GiB (+{growth:.3f} over baseline "
+              f"{r['baseline_rss_bytes'] / GIB:.3f})  {seconds} s ({r['cpu_seconds']:.1f} s cpu)  ppl {r['ppl']:.2f}")
+    print(msg + f"  [child process: {timing}]", flush=True)
   for a, b in zip(rows, rows[1:]):
-    ratio = f"{b['length'] // a['length']}x length: xla x{b['xla_bytes'] / a['xla_bytes']:.2f}"
+    pair = f"{a['length']} -> {b['length']}"
+    ratio = (f"{b['length'] // a['length']}x length: xla "
+             f"{bench.ratio(f'{pair}: compiled (xla)', b['xla_bytes'] / a['xla_bytes'], timed=False)}")
     if "peak_rss_bytes" in a:
       ga = a["peak_rss_bytes"] - a["baseline_rss_bytes"]
       gb = b["peak_rss_bytes"] - b["baseline_rss_bytes"]
-      ratio += f", rss x{b['peak_rss_bytes'] / a['peak_rss_bytes']:.2f} (increase over baseline x{gb / ga:.2f})"
-    print(f"{a['length']} -> {b['length']} ({ratio})")
+      rss = bench.ratio(f"{pair}: peak RSS", b["peak_rss_bytes"] / a["peak_rss_bytes"], timed=False)
+      growth = bench.ratio(f"{pair}: RSS over baseline", gb / ga, timed=False)
+      ratio += f", rss {rss} (increase over baseline {growth})"
+    print(f"{pair} ({ratio})")
   last = rows[-1]
   peak = last.get("peak_rss_bytes", last["xla_bytes"])
-  print(f"{last['length']} tokens: {peak / GIB:.2f} GiB {'fits' if peak <= 24 * GIB else 'DOES NOT fit'} 24 GiB")
+  fits = bench.figure(f"{last['length']} tokens fit 24 GiB", "yes" if peak <= 24 * GIB else "NO", timed=False)
+  print(f"{last['length']} tokens: {peak / GIB:.2f} GiB {'fits' if fits == 'yes' else 'DOES NOT fit'} 24 GiB")
+  bench.finish()
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@ The random lrjax parameters are copied into the torch model, and the two NLLs ar
 timing. Runs alternate (lrjax, torch, lrjax, torch, ...) so load from other processes hits both alike; the
 first call of each is warm-up and excluded; the figure is the median. Both use every core (XLA's CPU backend
 always does; torch is set to os.cpu_count() threads). Process CPU seconds are printed beside wall time: when
-they are about equal on a multi-core machine, other jobs were holding the other cores.
+they are about equal on a multi-core machine, other jobs were holding the other cores (and the ratio is
+withheld when the load before the start says so; see benchmarks/harness.py).
 
   python benchmarks/eval_throughput.py                  # both shapes
   python benchmarks/eval_throughput.py --shapes=a --runs=7 --threads=2
   python benchmarks/eval_throughput.py --attention=blockwise --block_q=512 --block_k=1024   # try a variant
+  python benchmarks/eval_throughput.py --quick          # smoke run: shape (a) at 2 x 512 tokens, one run
 
 Shapes: (a) d_model 256, 4 layers, 4 heads, vocab 256, 8 x 2048 tokens; (b) LLaMA-shaped d_model 1024,
 8 layers, 16 query / 4 key-value heads, ffn 2816, vocab 32000, 1 x 4096 tokens.
@@ -21,7 +23,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
+
+import harness  # first: puts the repository root on sys.path
 
 
 def _parse():
@@ -34,7 +37,9 @@ def _parse():
   p.add_argument("--block_q", type=int, default=None)
   p.add_argument("--block_k", type=int, default=None)
   p.add_argument("--skip_torch", action="store_true")
-  return p.parse_args()
+  p.add_argument("--batch", type=int, default=None, help="override every shape's batch")
+  p.add_argument("--length", type=int, default=None, help="override every shape's window length")
+  return harness.parse_args(p, quick=dict(shapes="a", batch=2, length=512, runs=1))
 
 
 ARGS = _parse()
@@ -98,11 +103,12 @@ def torch_nll(model, tokens: torch.Tensor) -> torch.Tensor:
                                                  tokens.shape[0], -1).sum(-1)
 
 
-def bench(name: str, spec: dict):
+def measure(name: str, spec: dict, bench: harness.Bench) -> dict[str, float]:
+  """Times one shape; records tokens/s of each side and their ratio in `bench`; returns tokens/s by side."""
   overrides = {k: v for k, v in (("attention", ARGS.attention), ("block_q", ARGS.block_q),
                                  ("block_k", ARGS.block_k)) if v is not None}
   cfg = model_lib.ModelConfig(**spec["config"], **overrides)
-  b, t = spec["batch"], spec["length"]
+  b, t = ARGS.batch or spec["batch"], ARGS.length or spec["length"]
   params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
   tokens_np = np.random.RandomState(0).randint(0, cfg.vocab_size, (b, t)).astype(np.int32)
   tokens = jnp.asarray(tokens_np)
@@ -121,34 +127,36 @@ def bench(name: str, spec: dict):
   warm = {k: f() for k, f in sides.items()}  # warm-up (compilation, allocator)
   if "transformers" in warm:
     np.testing.assert_allclose(warm["lrjax"], warm["transformers"], rtol=2e-4)
-  times = {k: [] for k in sides}
-  cpu = {k: [] for k in sides}
+  timings = {k: [] for k in sides}
   for _ in range(ARGS.runs):
     for k, f in sides.items():
-      c0, t0 = time.process_time(), time.perf_counter()
-      f()
-      times[k].append(time.perf_counter() - t0)
-      cpu[k].append(time.process_time() - c0)
-  tps = {k: b * t / float(np.median(v)) for k, v in times.items()}
+      with harness.timed() as timing:
+        f()
+      timings[k].append(timing)
   desc = (f"({name}) d_model {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads}:{cfg.num_kv_heads} "
           f"heads, vocab {cfg.vocab_size}, {b} x {t} tokens; attention={cfg.attention} "
           f"blocks={cfg.block_q}x{cfg.block_k}")
   print(desc)
-  for k, v in times.items():
-    print(f"  {k:13s} {tps[k]:9.0f} tokens/s   median {np.median(v):.3f}s wall, {np.median(cpu[k]):.3f}s cpu  "
-          f"runs {[round(x, 3) for x in v]}")
+  tps = {}
+  for k, v in timings.items():
+    median = harness.median_timing(v)
+    tps[k] = b * t / median.wall_s
+    shown = bench.figure(f"({name}) {k}, {b} x {t} tokens", tps[k], "tokens/s", fmt=".0f")
+    bench.figure(f"({name}) {k} median wall / cpu", f"{median.wall_s:.3f} / {median.cpu_s:.3f}", "s")
+    print(f"  {k:13s} {shown} tokens/s   median {median}  runs {[round(x.wall_s, 3) for x in v]}")
   if "transformers" in tps:
-    print(f"  ratio lrjax/transformers = {tps['lrjax'] / tps['transformers']:.2f}")
+    print(f"  ratio lrjax/transformers = "
+          f"{bench.ratio(f'({name}) lrjax / transformers', tps['lrjax'] / tps['transformers'])}")
   return tps
 
 
 def main():
   torch.set_num_threads(ARGS.threads)
-  print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
-        f"threads {ARGS.threads}, cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.2f}")
+  bench = harness.Bench.start("eval_throughput", ARGS)
+  print(f"torch threads {ARGS.threads}")
   for name in ARGS.shapes.split(","):
-    bench(name, SHAPES[name])
-  print(f"load average at end {os.getloadavg()[0]:.2f} (other processes share these cores)")
+    measure(name, SHAPES[name], bench)
+  bench.finish()
 
 
 if __name__ == "__main__":

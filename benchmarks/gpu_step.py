@@ -2,6 +2,7 @@
 
   python benchmarks/gpu_step.py            # on an H100/H200: 32k-token attention, ~1.1B model at 16k tokens
   python benchmarks/gpu_step.py --tiny     # tiny sizes (the default when no GPU is present; CI runs this)
+  python benchmarks/gpu_step.py --quick    # the same as --tiny
 
 Part 1, attention fwd+bwd step time at --attn_len tokens (batch 1, 32 query heads, 8 kv heads, head dim 64,
 causal, bf16): lrjax's pure-JAX blockwise kernel (the per-device kernel of ring attention) side by side with
@@ -22,20 +23,15 @@ loss) at --model_len tokens.
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness  # first: puts the repository root on sys.path
+import jax
+import jax.numpy as jnp
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-
-from lrjax import attention as A  # noqa: E402
-from lrjax import loss as L  # noqa: E402
-from lrjax import model as M  # noqa: E402
+from lrjax import attention as A
+from lrjax import loss as L
+from lrjax import model as M
 
 H100_H200_PEAK_TFLOPS = 989.0
 FULL = dict(attn_len=32768, attn_heads=(32, 8, 64), model_len=16384, block=512, repeats=5,
@@ -46,15 +42,15 @@ TINY = dict(attn_len=256, attn_heads=(4, 2, 16), model_len=256, block=64, repeat
                        num_kv_heads=2, head_dim=16, max_position_embeddings=256))
 
 
-def median_time(fn, *args, repeats: int) -> float:
-  """Median wall seconds of fn(*args) after one warm-up (compile) call."""
+def median_time(fn, *args, repeats: int) -> harness.Timing:
+  """Median wall (and host CPU) seconds of fn(*args) after one warm-up (compile) call."""
   jax.block_until_ready(fn(*args))
-  times = []
+  timings = []
   for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    with harness.timed() as timing:
+      jax.block_until_ready(fn(*args))
+    timings.append(timing)
+  return harness.median_timing(timings)
 
 
 def attention_flops(b: int, t: int, n: int, h: int, causal: bool = True) -> float:
@@ -71,7 +67,7 @@ def model_step_flops(cfg: M.ModelConfig, b: int, t: int) -> float:
 
 
 def bench_attention(t: int, heads: tuple[int, int, int], block: int, repeats: int, reference_impl: str,
-                    peak: float) -> None:
+                    peak: float, bench: harness.Bench) -> None:
   n, k, h = heads
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
   q = jax.random.normal(keys[0], (1, t, n, h), jnp.bfloat16)
@@ -93,19 +89,26 @@ def bench_attention(t: int, heads: tuple[int, int, int], block: int, repeats: in
     step = jax.jit(jax.grad(lambda q, k, v: jnp.vdot(fn(q, k, v).astype(jnp.float32),
                                                      dout.astype(jnp.float32)), argnums=(0, 1, 2)))
     try:
-      sec = median_time(step, q, kk, v, repeats=repeats)
+      timing = median_time(step, q, kk, v, repeats=repeats)
     except Exception as e:  # report, never silently fall back (e.g. cuDNN missing for this shape/version)
       print(f"  {name:<40s} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+      bench.figure(f"attention t={t}: {name}", "FAILED", timed=False)
       continue
+    sec = timing.wall_s
     results[name] = sec
-    print(f"  {name:<40s} {sec * 1e3:10.2f} ms   {flops / sec / 1e12:8.2f} TFLOP/s   "
-          f"{100 * flops / sec / 1e12 / peak:5.1f}% of peak")
+    ms = bench.figure(f"attention t={t}: {name}", sec * 1e3, "ms", fmt=".2f")
+    tflops = bench.figure(f"attention t={t}: {name}", flops / sec / 1e12, "TFLOP/s", fmt=".2f")
+    print(f"  {name:<40s} {ms:>10s} ms   {tflops:>8s} TFLOP/s   {100 * flops / sec / 1e12 / peak:5.1f}% of peak   "
+          f"(median {timing})")
   if len(results) == 2:
     (a, ta), (b, tb) = results.items()
-    print(f"  ratio blockwise / {b.split('[')[1][:-1]}: {ta / tb:.2f}x the time")
+    reference = b.split("[")[1][:-1]
+    print(f"  ratio blockwise / {reference}: {bench.ratio(f'attention t={t}: blockwise / {reference} time', ta / tb)}"
+          f" the time")
 
 
-def bench_model_step(model_kw: dict, t: int, block: int, repeats: int, attention: str, peak: float) -> None:
+def bench_model_step(model_kw: dict, t: int, block: int, repeats: int, attention: str, peak: float,
+                     bench: harness.Bench) -> None:
   cfg = M.ModelConfig(**model_kw, dtype="bfloat16", param_dtype="float32", attention=attention,
                       block_q=block, block_k=block, remat="full", scan_layers=True)
   params = M.init_params(cfg, jax.random.PRNGKey(0))
@@ -135,18 +138,23 @@ def bench_model_step(model_kw: dict, t: int, block: int, repeats: int, attention
 
   flops = model_step_flops(cfg, 1, t)
   try:
-    sec = median_time(run, repeats=repeats)
+    timing = median_time(run, repeats=repeats)
   except Exception as e:
     print(f"  model step [{attention}] FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    bench.figure(f"model step t={t} [{attention}]", "FAILED", timed=False)
     return
-  print(f"  model step [{attention:<9s}] {sec * 1e3:10.1f} ms   {t / sec:10.0f} tok/s   "
-        f"{flops / sec / 1e12:8.2f} TFLOP/s   MFU {100 * flops / sec / 1e12 / peak:5.1f}%")
+  sec = timing.wall_s
+  ms = bench.figure(f"model step t={t} [{attention}]", sec * 1e3, "ms", fmt=".1f")
+  mfu = bench.figure(f"model step t={t} [{attention}]: MFU of {peak:g} TFLOP/s", 100 * flops / sec / 1e12 / peak,
+                     "%", fmt=".1f")
+  print(f"  model step [{attention:<9s}] {ms:>10s} ms   {t / sec:10.0f} tok/s   "
+        f"{flops / sec / 1e12:8.2f} TFLOP/s   MFU {mfu}%   (median {timing})")
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   size = parser.add_mutually_exclusive_group()
-  size.add_argument("--tiny", action="store_true", help="tiny sizes (default when no GPU is present)")
+  size.add_argument("--tiny", action="store_true", help="tiny sizes (default when no GPU is present; --quick)")
   size.add_argument("--full", action="store_true", help="full sizes even without a GPU (very slow)")
   parser.add_argument("--attn_len", type=int, help="attention benchmark tokens (default 32768, tiny 256)")
   parser.add_argument("--model_len", type=int, help="model step tokens (default 16384, tiny 256)")
@@ -155,7 +163,7 @@ def main(argv=None) -> None:
   parser.add_argument("--peak_tflops", type=float, default=H100_H200_PEAK_TFLOPS,
                       help="dense bf16 peak used for utilisation (989 for H100 SXM / H200)")
   parser.add_argument("--skip_model", action="store_true", help="only the attention benchmark")
-  args = parser.parse_args(argv)
+  args = harness.parse_args(parser, argv, quick=dict(tiny=True))
 
   backend = jax.default_backend()
   on_gpu = backend == "gpu"
@@ -164,6 +172,7 @@ def main(argv=None) -> None:
   for key in ("attn_len", "model_len", "block", "repeats"):
     if getattr(args, key) is not None:
       sizes[key] = getattr(args, key)
+  bench = harness.Bench.start("gpu_step", args)
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({backend}), {'tiny' if tiny else 'full'} sizes, "
         f"peak {args.peak_tflops:g} TFLOP/s dense bf16 assumed")
@@ -171,8 +180,9 @@ def main(argv=None) -> None:
     print("note: no GPU; the figures below only show that the script works, not GPU performance")
   reference_impl = "cudnn" if on_gpu else "xla"
   bench_attention(sizes["attn_len"], sizes["attn_heads"], sizes["block"], sizes["repeats"], reference_impl,
-                  args.peak_tflops)
+                  args.peak_tflops, bench)
   if args.skip_model:
+    bench.finish()
     return
   cfg = M.ModelConfig(**sizes["model"])
   print(f"fine-tuning step (AdamW, f32 params, bf16 compute, remat full): {cfg.num_params() / 1e9:.3f}B params, "
@@ -180,7 +190,8 @@ def main(argv=None) -> None:
   # Off-GPU the model step runs once, blockwise only: it keeps the script working, cuDNN is the GPU comparison.
   for attention in ("blockwise", reference_impl) if on_gpu else ("blockwise",):
     bench_model_step(sizes["model"], sizes["model_len"], sizes["block"], sizes["repeats"], attention,
-                     args.peak_tflops)
+                     args.peak_tflops, bench)
+  bench.finish()
 
 
 if __name__ == "__main__":

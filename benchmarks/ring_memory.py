@@ -3,6 +3,7 @@
   python benchmarks/ring_memory.py                      # both parts
   python benchmarks/ring_memory.py --skip_eval          # part 1 only (about a minute)
   python benchmarks/ring_memory.py --eval_timeout 600   # give each evaluation probe more time
+  python benchmarks/ring_memory.py --quick              # smoke run: 4096 tokens, one probe of 1024 per search
 
 Part 1: compiled per-device memory (XLA's memory_analysis of the partitioned program: temporaries + arguments
 + outputs) of ring attention forward+backward at a fixed total length, on rings of 1, 2, 4 and 8 simulated
@@ -15,7 +16,8 @@ default), by binary search over lengths, each probe in its own subprocess:
     budget (compile only);
   * completed length: the evaluation also runs to the end within --eval_timeout seconds, with its resident
     memory watched and the probe killed above min(budget, free RAM - 2 GiB).
-On CPU the second is bound by time, not memory; both are printed.
+On CPU the second is bound by time, not memory (so it depends on the load; the compiled figures do not);
+both are printed.
 """
 
 from __future__ import annotations
@@ -30,9 +32,8 @@ import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
+import harness  # noqa: E402  (puts the repository root on sys.path)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -44,6 +45,7 @@ from lrjax import ring as ring_lib  # noqa: E402
 from lrjax import sharding as sharding_lib  # noqa: E402
 
 GIB = 1024 ** 3
+ROOT = harness.ROOT
 MODEL_DIR = os.path.join(ROOT, "lrjax", "assets", "model")
 RANDOM_SHAPE = dict(vocab_size=256, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
                     num_kv_heads=2, head_dim=64, max_position_embeddings=2048)
@@ -82,7 +84,7 @@ def attention_memory(n: int, length: int, heads: tuple[int, int, int], block: in
   return footprint(compiled)
 
 
-def part1(length: int, heads: tuple[int, int, int], block: int, dtype_name: str) -> None:
+def part1(length: int, heads: tuple[int, int, int], block: int, dtype_name: str, bench: harness.Bench) -> None:
   dtype = jnp.dtype(dtype_name)
   print(f"Part 1: ring attention fwd+bwd, total length {length}, heads {heads[0]} (kv {heads[1]}) x "
         f"{heads[2]}, {dtype_name}, block {block}; per-device compiled memory")
@@ -94,6 +96,10 @@ def part1(length: int, heads: tuple[int, int, int], block: int, dtype_name: str)
     base = base or m["total"]
     ratio = m["total"] / base
     mark = "ok" if ratio <= 1.3 / n + 1e-9 else "OVER"
+    bench.figure(f"part 1: ring of {n}, per device", m["total"] / 2**20, "MiB", timed=False, fmt=".1f")
+    if n > 1:
+      bench.ratio(f"part 1: ring of {n} / ring of 1 (target <= {1.3 / n:.3f}): {mark}", ratio, timed=False,
+                  fmt=".3f", suffix="")
     print(f"  {n:4d} {m['temp'] / 2**20:10.1f} {m['argument'] / 2**20:10.1f} {m['output'] / 2**20:10.1f} "
           f"{m['total'] / 2**20:10.1f} {ratio:7.3f} {1.3 / n:7.3f} {mark}", flush=True)
 
@@ -187,25 +193,28 @@ def run_probe(length: int, block: int, run: bool, timeout: float, rss_cap: int) 
   cmd = [sys.executable, os.path.abspath(__file__), "--probe", str(length), "--block", str(block)]
   if run:
     cmd.append("--probe_run")
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  start, peak, why = time.time(), 0, None
-  while proc.poll() is None:
-    peak = max(peak, _rss_bytes(proc.pid))
-    if peak > rss_cap:
-      why = f"resident memory above {rss_cap / GIB:.1f} GiB"
-    elif time.time() - start > timeout:
-      why = f"timeout {timeout:.0f}s"
-    if why:
-      proc.kill()
-      proc.wait()
-      return dict(ok=False, length=length, why=why, peak_rss=peak)
-    time.sleep(0.2)
-  stdout, stderr = proc.communicate()
+  with harness.timed() as timing:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    start, peak, why = time.time(), 0, None
+    while proc.poll() is None:
+      peak = max(peak, _rss_bytes(proc.pid))
+      if peak > rss_cap:
+        why = f"resident memory above {rss_cap / GIB:.1f} GiB"
+      elif time.time() - start > timeout:
+        why = f"timeout {timeout:.0f}s"
+      if why:
+        proc.kill()
+        proc.wait()
+        break
+      time.sleep(0.2)
+    stdout, stderr = proc.communicate()
+  if why:
+    return dict(ok=False, length=length, why=why, peak_rss=peak, timing=str(timing))
   if proc.returncode:
     return dict(ok=False, length=length, why=f"exit {proc.returncode}: {stderr.strip().splitlines()[-1:]}",
-                peak_rss=peak)
+                peak_rss=peak, timing=str(timing))
   result = json.loads(stdout.strip().splitlines()[-1])
-  result.update(ok=True, peak_rss=peak, wall_s=time.time() - start)
+  result.update(ok=True, peak_rss=peak, wall_s=time.time() - start, timing=str(timing))
   return result
 
 
@@ -241,7 +250,7 @@ def search(fits, lo: int, step: int, hi_limit: int, max_probes: int):
   return best, best_res, log
 
 
-def part2(args) -> None:
+def part2(args, bench: harness.Bench) -> None:
   budget = int(args.budget_gib * GIB)
   rss_cap = min(budget, max(_available_bytes() - 2 * GIB, GIB))
   step = 2 * 8 * args.eval_block  # zig-zag chunks of whole blocks on a ring of 8
@@ -261,21 +270,28 @@ def part2(args) -> None:
     return ok, res
 
   if args.eval_search in ("both", "memory"):
-    _memory_search(args, by_memory, step)
+    _memory_search(args, by_memory, step, bench)
   if args.eval_search in ("both", "completion"):
-    _completion_search(args, by_completion, step, rss_cap)
+    _completion_search(args, by_completion, step, rss_cap, bench)
 
 
-def _memory_search(args, by_memory, step):
+def _memory_search(args, by_memory, step, bench):
   best, res, _ = search(by_memory, step, step, args.max_length, args.memory_probes)
+  bench.figure("part 2: memory-bound length (compiled, 8 devices)", best or "none", "tokens", timed=False,
+               fmt="d")
   if best:
+    bench.figure("part 2: memory-bound length, all 8 devices", res["all_devices"] / GIB, "GiB", timed=False,
+                 fmt=".2f")
     print(f"  memory-bound: {best} tokens ({best / 1024:.0f}K) compile to {res['all_devices'] / GIB:.2f} GiB "
           f"over 8 devices ({res['per_device'] / GIB:.3f} GiB each, {res['per_device'] / best * 8:.0f} bytes "
           f"per local token); source: {res['source']}")
 
 
-def _completion_search(args, by_completion, step, rss_cap):
+def _completion_search(args, by_completion, step, rss_cap, bench):
   best, res, log = search(by_completion, step, step, args.max_length, args.completion_probes)
+  bench.figure(f"part 2: completed length within {args.eval_timeout:g} s", best or "none", "tokens", fmt="d")
+  if best:
+    bench.figure("part 2: completed length, run", res["run_s"], "s", fmt=".1f")
   failed = [r for r in log if not r["ok"]]
   if failed:
     shortest = min(failed, key=lambda r: r["length"])
@@ -292,9 +308,10 @@ def _report(kind, res):
   if res["ok"]:
     extra = f" run {res['run_s']:.1f}s nll/token {res['nll_per_token']:.3f}" if "run_s" in res else ""
     print(f"    {kind:7s} {res['length']:>9d}: {res['all_devices'] / GIB:7.3f} GiB compiled (8 devices), "
-          f"compile {res['compile_s']:.1f}s, peak RSS {res['peak_rss'] / GIB:.2f} GiB{extra}", flush=True)
+          f"compile {res['compile_s']:.1f}s, peak RSS {res['peak_rss'] / GIB:.2f} GiB{extra} "
+          f"[probe process: {res['timing']}]", flush=True)
   else:
-    print(f"    {kind:7s} {res['length']:>9d}: failed ({res['why']})", flush=True)
+    print(f"    {kind:7s} {res['length']:>9d}: failed ({res['why']}) [probe process: {res['timing']}]", flush=True)
 
 
 def main(argv=None) -> None:
@@ -315,16 +332,23 @@ def main(argv=None) -> None:
   parser.add_argument("--eval_search", choices=("both", "memory", "completion"), default="both")
   parser.add_argument("--probe", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--probe_run", action="store_true", help=argparse.SUPPRESS)
-  args = parser.parse_args(argv)
+  args = harness.parse_args(parser, argv, quick=dict(length=4096, block=256, eval_block=64, max_length=1024,
+                                                     memory_probes=1, completion_probes=1))
   if args.probe:
     print(json.dumps(probe(args.probe, args.eval_block if args.block is None else args.block, args.probe_run)))
     return
   if len(jax.devices()) < 8:
     raise SystemExit(f"need 8 (simulated) devices, have {len(jax.devices())}; unset XLA_FLAGS or set "
                      "--xla_force_host_platform_device_count=8")
-  part1(args.length, tuple(args.heads), args.block, args.dtype)
+  bench = harness.Bench.start("ring_memory", args)
+  with harness.timed() as timing:
+    part1(args.length, tuple(args.heads), args.block, args.dtype, bench)
+  print(f"  part 1: {timing}")
   if not args.skip_eval:
-    part2(args)
+    with harness.timed() as timing:
+      part2(args, bench)
+    print(f"  part 2: {timing}")
+  bench.finish()
 
 
 if __name__ == "__main__":

@@ -12,17 +12,18 @@ search (lrjax.search.evolve) counts its compilations (traces of the fitness prog
   python benchmarks/search_throughput.py                 # built-in model if present, else random same shape
   python benchmarks/search_throughput.py --candidates=8 --population=16 --runs=5
   python benchmarks/search_throughput.py --quick         # smaller, for a smoke run
+  python benchmarks/search_throughput.py --tiny          # the launch-overhead-bound regime
+
+The ratio parallel / one-by-one is a ratio of two timings: withheld when the machine was busy
+(benchmarks/harness.py); the compilation counts do not depend on the load.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness  # first: puts the repository root on sys.path
 
 
 def _parse():
@@ -34,11 +35,10 @@ def _parse():
   p.add_argument("--runs", type=int, default=3, help="timed runs of each side (after one warm-up)")
   p.add_argument("--attention", default=None, help="override the attention implementation")
   p.add_argument("--generations", type=int, default=3, help="iterations of the compile-count search")
-  p.add_argument("--quick", action="store_true", help="length 512, 4 candidates, 1 run")
   p.add_argument("--tiny", action="store_true",
                  help="the tests' random tiny model (d 32, 2 layers, window 32) at 8x = 256 tokens: the "
                       "launch-overhead-bound regime")
-  return p.parse_args()
+  return harness.parse_args(p, quick=dict(length=512, candidates=4, population=4, runs=1, generations=2))
 
 
 ARGS = _parse()
@@ -77,8 +77,7 @@ def load_model():
 
 
 def main():
-  if ARGS.quick:
-    ARGS.length, ARGS.candidates, ARGS.population, ARGS.runs, ARGS.generations = 512, 4, 4, 1, 2
+  bench = harness.Bench.start("search_throughput", ARGS)
   if ARGS.tiny:
     ARGS.length = 256
   cfg, params, what = load_model()
@@ -99,28 +98,36 @@ def main():
   parallel = search.PerplexityFitness(cfg, params, windows, candidates_per_call=ARGS.candidates,
                                       doc_batch=ARGS.documents)
   single = search.PerplexityFitness(cfg, params, windows, candidates_per_call=1, doc_batch=ARGS.documents)
-  times = {"parallel": [], "one-by-one": []}
+  timings = {"parallel": [], "one-by-one": []}
   results = {}
   for run in range(ARGS.runs + 1):
     for name, fn in (("parallel", parallel), ("one-by-one", single)):
-      start = time.perf_counter()
-      results[name] = fn(ropes)
-      elapsed = time.perf_counter() - start
+      with harness.timed() as timing:
+        results[name] = fn(ropes)
       if run:
-        times[name].append(elapsed)
+        timings[name].append(timing)
       else:
-        print(f"  warm-up {name}: {elapsed:.1f}s (includes compilation)")
+        print(f"  warm-up {name}: {timing} (includes compilation)")
     if run == 0:
       diff = np.max(np.abs(results["parallel"] / results["one-by-one"] - 1))
       print(f"  max relative difference parallel vs one-by-one: {diff:.2e}")
       assert diff < 1e-5, "population-parallel and one-by-one fitness disagree"
-  rate = {k: ARGS.population / statistics.median(v) for k, v in times.items()}
-  for k, v in times.items():
-    print(f"{k:>11}: {rate[k]:.3f} candidate evaluations/s (median {statistics.median(v):.2f}s for "
-          f"{ARGS.population}; runs {', '.join(f'{x:.2f}' for x in v)})")
-  print(f"ratio parallel / one-by-one: {rate['parallel'] / rate['one-by-one']:.2f}x (target >= 1.5x)")
+  rate = {}
+  for k, v in timings.items():
+    median = harness.median_timing(v)
+    rate[k] = ARGS.population / median.wall_s
+    shown = bench.figure(f"{k}: C={ARGS.candidates if k == 'parallel' else 1}, {ARGS.length} tokens", rate[k],
+                         "candidate evaluations/s", fmt=".3f")
+    print(f"{k:>11}: {shown} candidate evaluations/s (median {median} for {ARGS.population}; runs "
+          f"{', '.join(f'{x.wall_s:.2f}' for x in v)})")
+  print(f"ratio parallel / one-by-one: {bench.ratio('parallel / one-by-one', rate['parallel'] / rate['one-by-one'])}"
+        f" (target >= 1.5x)")
+  count_compilations(c, cfg, params, windows, bench)
+  bench.finish()
 
-  # A whole small search on a fresh program (C=3, used by nothing above): count its compilations.
+
+def count_compilations(c, cfg, params, windows, bench: harness.Bench) -> None:
+  """A whole small search on a fresh program (C=3, used by nothing above): counts its compilations."""
   c.search.population, c.search.mutations, c.search.crossovers, c.search.parents = 8, 3, 3, 4
   c.search.iterations = ARGS.generations
   plan = search.make_plan(c.search, cfg, target_length=ARGS.length)
@@ -133,11 +140,13 @@ def main():
     per_generation.append(len(_BACKEND_COMPILES) - before)
     return out
 
-  start = time.perf_counter()
-  result = search.evolve(plan.space, plan.evolution, plan.seeds, fitness_fn, rng=np.random.default_rng(0))
-  print(f"small search: {result.generations} generations, {result.evaluations} evaluations in "
-        f"{time.perf_counter() - start:.1f}s; fitness-program compilations: {fitness.compilations} "
-        f"(target 1 per shape); XLA backend compiles per generation: {per_generation}")
+  with harness.timed() as timing:
+    result = search.evolve(plan.space, plan.evolution, plan.seeds, fitness_fn, rng=np.random.default_rng(0))
+  bench.figure("small search: fitness-program compilations", fitness.compilations, "", timed=False, fmt="d")
+  bench.figure("small search: XLA backend compiles per generation", str(per_generation), "", timed=False)
+  print(f"small search: {result.generations} generations, {result.evaluations} evaluations in {timing}; "
+        f"fitness-program compilations: {fitness.compilations} (target 1 per shape); XLA backend compiles per "
+        f"generation: {per_generation}")
 
 
 if __name__ == "__main__":

@@ -9,26 +9,23 @@ from other processes hits both alike; the median round counts.
 
 Prints tokens/s of each lrjax execution variant (attention implementation, scanned or unrolled layers) and of
 torch, the ratio lrjax/torch, and FLOP utilisation: model FLOPs/s (lrjax.train.flops_per_token: 6 N + causal
-attention) over the best f32 matmul FLOP/s measured in this run (jax and torch, 1024^3 and 2048^3).
+attention) over the best f32 matmul FLOP/s measured in this run (jax and torch, 1024^3 and 2048^3). Both
+"vs torch" and "FLOP util" are ratios of two timings: withheld when the machine was busy (benchmarks/harness.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import harness  # first: puts the repository root on sys.path
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from configs import pretrain  # noqa: E402
-from lrjax import sharding as sharding_lib  # noqa: E402
-from lrjax import train  # noqa: E402
+from configs import pretrain
+from lrjax import sharding as sharding_lib
+from lrjax import train
 
 
 def matmul_peak() -> dict:
@@ -107,13 +104,10 @@ def main():
   p.add_argument("--steps", type=int, default=5, help="steps per timing round")
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--variants", default="xla/scan,xla/unrolled,blockwise/scan,reference/scan")
-  p.add_argument("--quick", action="store_true", help="smoke run: batch 8, 1 step x 1 round, xla/scan only")
-  args = p.parse_args()
-  if args.quick:
-    args.batch, args.steps, args.rounds, args.variants = 8, 1, 1, "xla/scan"
+  args = harness.parse_args(p, quick=dict(batch=8, steps=1, rounds=1, variants="xla/scan"))
   import torch
-  print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs; batch {args.batch} x {args.length}")
+  bench = harness.Bench.start("train_throughput", args)
+  print(f"torch {torch.get_num_threads()} threads; batch {args.batch} x {args.length}")
   base = train.model_config(pretrain.get_config())
   runners = {}
   for v in args.variants.split(","):
@@ -122,26 +116,33 @@ def main():
     runners[f"lrjax {v}"] = lrjax_runner(cfg, args.batch, args.length)
   runners["torch"] = torch_runner(base, args.batch, args.length)
   for name, run in runners.items():  # compile / warm up
-    t0 = time.perf_counter()
-    run(1)
-    print(f"  warm-up {name}: {time.perf_counter() - t0:.1f}s")
-  times = {name: [] for name in runners}
+    with harness.timed() as timing:
+      run(1)
+    print(f"  warm-up {name}: {timing}")
+  rounds = {name: [] for name in runners}
   for _ in range(args.rounds):
     for name, run in runners.items():
-      t0 = time.perf_counter()
-      run(args.steps)
-      times[name].append((time.perf_counter() - t0) / args.steps)
+      with harness.timed() as timing:
+        run(args.steps)
+      rounds[name].append(timing)
   peaks = matmul_peak()
   peak = max(peaks.values())
   fpt = train.flops_per_token(base, args.length)
   tokens = args.batch * args.length
-  print("matmul peak (GFLOP/s): " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peaks.items()))
+  shown = [f"{k} {bench.figure(f'matmul peak {k}', v / 1e9, 'GFLOP/s', fmt='.1f')}" for k, v in peaks.items()]
+  print("matmul peak (GFLOP/s): " + ", ".join(shown))
   print(f"model FLOPs/token {fpt / 1e6:.2f}M (6N + causal attention, N = {base.num_params() / 1e6:.2f}M params)")
-  tps = {name: tokens / statistics.median(t) for name, t in times.items()}
-  print(f"{'variant':24s} {'s/step':>8s} {'tokens/s':>10s} {'vs torch':>9s} {'FLOP util':>10s}")
-  for name, t in times.items():
-    print(f"{name:24s} {statistics.median(t):8.3f} {tps[name]:10.0f} {tps[name] / tps['torch']:9.2f} "
-          f"{tps[name] * fpt / peak:10.1%}")
+  per_round = {name: harness.median_timing(t) for name, t in rounds.items()}  # args.steps steps each
+  tps = {name: tokens * args.steps / t.wall_s for name, t in per_round.items()}
+  print(f"{'variant':24s} {'s/step':>8s} {'cpu s/step':>10s} {'tokens/s':>10s} {'vs torch':>9s} {'FLOP util':>10s}")
+  for name, t in per_round.items():
+    bench.figure(f"{name}: step, batch {args.batch} x {args.length}", t.wall_s / args.steps, "s", fmt=".3f")
+    throughput = bench.figure(f"{name}: throughput", tps[name], "tokens/s", fmt=".0f")
+    versus = bench.ratio(f"{name} / torch (tokens/s)", tps[name] / tps["torch"]) if name != "torch" else "-"
+    util = bench.ratio(f"{name}: model FLOP/s / best matmul FLOP/s", tps[name] * fpt / peak, fmt=".1%", suffix="")
+    print(f"{name:24s} {t.wall_s / args.steps:8.3f} {t.cpu_s / args.steps:10.3f} {throughput:>10s} {versus:>9s} "
+          f"{util:>10s}")
+  bench.finish()
 
 
 if __name__ == "__main__":
