@@ -61,10 +61,10 @@ def load_model():
     cfg = model_lib.ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
                                 num_kv_heads=2, head_dim=16, max_position_embeddings=32)
     return cfg, model_lib.init_params(cfg, jax.random.PRNGKey(0)), "random tiny model (tests' shape)"
-  if os.path.isdir(search.BUILTIN_MODEL):
+  if os.path.isdir(weights.BUILTIN_MODEL):
     from lrjax import weights
-    cfg, params = weights.load(search.BUILTIN_MODEL)
-    what = f"built-in model ({search.BUILTIN_MODEL})"
+    cfg, params = weights.load(weights.BUILTIN_MODEL)
+    what = f"built-in model ({weights.BUILTIN_MODEL})"
   else:
     # The built-in model's shape (configs/pretrain.py): byte vocab, d 256, 4 layers, 4/2 heads, head_dim 64.
     cfg = model_lib.ModelConfig(vocab_size=256, hidden_size=256, intermediate_size=768, num_layers=4,

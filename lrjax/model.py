@@ -1,14 +1,19 @@
-"""A pure-functional Flax (linen) LLaMA-family decoder: LLaMA 1/2/3, Mistral-style, any GQA ratio.
+"""A pure-functional Flax (linen) LLaMA-family decoder: LLaMA 1/2/3, Mistral, Phi-3, Qwen2; any GQA ratio.
 
 Parameters are one flat pytree with every decoder layer stacked on a leading axis, whatever the execution
 choice (scan or unrolled), so checkpoints never depend on it:
 
   embed            [V, D]
   layers/attn_norm [L, D]        layers/q [L, D, N, H]   layers/k, layers/v [L, D, K, H]
+  layers/q_bias    [L, N, H]     layers/k_bias, layers/v_bias [L, K, H]       (qkv_bias: Qwen2)
   layers/o         [L, N, H, D]  layers/mlp_norm [L, D]  layers/gate, layers/up [L, D, F]
   layers/down      [L, F, D]
   final_norm       [D]
   lm_head          [D, V]        (absent when embeddings are tied)
+
+The architectures differ only in what the checkpoint mapping (lrjax.weights.arch) and these few fields say:
+q/k/v biases, a partial rotary dim (the first rotary_dim dims of each head rotate; Phi-4-mini), and a sliding
+attention window (Mistral, Phi-3).
 
 Positions are an input (global positions: sequence sharding, n̂ and the LongRoPE switch all need the true
 position) and so are the RoPE arrays (traced: a new factor set never recompiles).
@@ -39,6 +44,9 @@ class ModelConfig:
   original_max_position_embeddings (the pre-training window every RoPE-scaling rule measures s against; None
   means max_position_embeddings; see `original_length`), rope_scaling (the checkpoint's own scaling), bos/eos
   token ids.
+  qkv_bias (Qwen2's q/k/v projection biases), sliding_window (each query sees itself and the window-1 previous
+  positions; None = full causal attention), architecture (the checkpoint family the weights map to and from:
+  llama, mistral, phi3, qwen2; host-side only).
   Execution: dtype (compute) and param_dtype; attention implementation ("reference", "blockwise", "xla",
   "cudnn", "ring") and its block sizes; scan_layers (lax.scan vs unrolled); remat policy; the mesh axis that
   ring attention rotates over.
@@ -62,6 +70,9 @@ class ModelConfig:
   rope_scaling: rope_lib.RopeScaling = dataclasses.field(default=rope_lib.RopeScaling(), compare=False)
   bos_token_id: int | None = None
   eos_token_id: int | None = None
+  qkv_bias: bool = False
+  sliding_window: int | None = None
+  architecture: str = dataclasses.field(default="llama", compare=False)
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention: str = "blockwise"
@@ -80,6 +91,8 @@ class ModelConfig:
       raise ValueError(f"unknown remat policy {self.remat!r}; expected one of {', '.join(REMAT_POLICIES)}")
     if self.attention not in attention_lib.IMPLEMENTATIONS + ("ring",):
       raise ValueError(f"unknown attention implementation {self.attention!r}")
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f"sliding_window must be a positive number of tokens or None, got {self.sliding_window}")
 
   @property
   def rotary_dim(self) -> int:
@@ -109,7 +122,8 @@ class ModelConfig:
   def num_params(self) -> int:
     d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
     attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-    per_layer = attn + 3 * d * f + 2 * d
+    bias = self.head_dim * (self.num_heads + 2 * self.num_kv_heads) if self.qkv_bias else 0
+    per_layer = attn + bias + 3 * d * f + 2 * d
     return v * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + d
 
 
@@ -154,10 +168,13 @@ def decoder_layer(x: jax.Array, p: dict, positions: jax.Array, inv_freq: jax.Arr
   """
   dt = jnp.dtype(cfg.dtype)
   w = lambda name: p[name].astype(dt)
+
+  def project(name, spec):
+    y = jnp.einsum(spec, h, w(name))
+    return checkpoint_name(y + w(f"{name}_bias") if cfg.qkv_bias else y, "qkv")
+
   h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-  q = checkpoint_name(jnp.einsum("btd,dnh->btnh", h, w("q")), "qkv")
-  k = checkpoint_name(jnp.einsum("btd,dkh->btkh", h, w("k")), "qkv")
-  v = checkpoint_name(jnp.einsum("btd,dkh->btkh", h, w("v")), "qkv")
+  q, k, v = project("q", "btd,dnh->btnh"), project("k", "btd,dkh->btkh"), project("v", "btd,dkh->btkh")
   q = _constrain(q, ("batch", "length", "q_heads", "head_dim"))
   k = _constrain(k, ("batch", "length", "kv_heads", "head_dim"))
   v = _constrain(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -189,7 +206,7 @@ def decoder_layer(x: jax.Array, p: dict, positions: jax.Array, inv_freq: jax.Arr
 
 
 class Llama(nn.Module):
-  """LLaMA-family decoder. __call__ returns final-normed hidden states; see `head` for the vocab projection."""
+  """LLaMA-family decoder. __call__ returns final-normed hidden states (`head_weights` gives the projection)."""
 
   config: ModelConfig
 
@@ -205,6 +222,8 @@ class Llama(nn.Module):
       self.lm_head = self.param("lm_head", init, (D, V), pd)
     shapes = {"attn_norm": (L, D), "q": (L, D, N, H), "k": (L, D, K, H), "v": (L, D, K, H),
               "o": (L, N, H, D), "mlp_norm": (L, D), "gate": (L, D, F), "up": (L, D, F), "down": (L, F, D)}
+    if c.qkv_bias:
+      shapes.update(q_bias=(L, N, H), k_bias=(L, K, H), v_bias=(L, K, H))
     self.layers = self.param("layers", _layers_init(shapes, pd))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, rope: rope_lib.RopeArrays,
@@ -241,13 +260,11 @@ class Llama(nn.Module):
       new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
     return rms_norm(x, self.final_norm, c.rms_norm_eps), new_cache
 
-  def head(self) -> jax.Array:
-    """The vocab projection [D, V] (the transposed embedding when tied)."""
-    return self.embed.T if self.config.tie_word_embeddings else self.lm_head
-
 
 def _init_for(name):
-  return nn.initializers.ones if name.endswith("norm") else nn.initializers.normal(0.02)
+  if name.endswith("norm"):
+    return nn.initializers.ones
+  return nn.initializers.zeros if name.endswith("bias") else nn.initializers.normal(0.02)
 
 
 def _layers_init(shapes, dtype):

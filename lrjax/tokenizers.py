@@ -9,14 +9,14 @@ Every tokenizer has
   chat_template: str | None, and apply_chat_template(messages) -> str rendering it as transformers does
 
 `load_tokenizer(spec)`: "byte", a tokenizer.model (SentencePiece), tokenizer.json (Hugging Face tokenizers) or
-.gguf file (its tokenizer.ggml.* metadata, see lrjax.gguf), or a directory holding a tokenizer.json /
+.gguf file (its tokenizer.ggml.* metadata, see lrjax.weights.gguf), or a directory holding a tokenizer.json /
 tokenizer.model (tokenizer.json is preferred when both exist, as transformers' fast tokenizers do).
 
 add_bos / add_eos follow what transformers 5 does with the same files: for a tokenizer.json, its post-processor
 (a special token before / after the sequence; transformers 5 ignores tokenizer_config.json's add_bos_token /
 add_eos_token beside a tokenizer.json); for a tokenizer.model, those tokenizer_config.json flags, defaulting to
 BOS yes, EOS no (LLaMA 1/2: Meta's and llama.cpp's encoders add BOS); for a .gguf, its
-tokenizer.ggml.add_bos_token / add_eos_token (see lrjax.gguf). A flag is never True without its id. The chat
+tokenizer.ggml.add_bos_token / add_eos_token (see lrjax.weights.gguf). A flag is never True without its id. The chat
 template is a chat_template.jinja beside the file, else tokenizer_config.json's chat_template (both as
 transformers reads them), else the GGUF's tokenizer.chat_template.
 
@@ -341,7 +341,7 @@ def load_tokenizer(spec: str | os.PathLike) -> ByteTokenizer | SentencePieceToke
   if spec.endswith(".model"):
     return SentencePieceTokenizer(spec)
   if spec.endswith(".gguf"):
-    from lrjax import gguf  # lrjax.gguf builds on this module
+    from lrjax.weights import gguf  # builds on this module (and needs the optional gguf package)
     return gguf.load_tokenizer(spec)
   raise TokenizerError(f"{spec}: unknown tokenizer file type (expected a .json tokenizers file, a .model "
                        "SentencePiece file or a .gguf file)")

@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from lrjax import gguf as lrgguf
+from lrjax.weights import gguf as lrgguf
 from lrjax import weights
 from lrjax import model, tokenizers, weights
 

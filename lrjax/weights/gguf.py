@@ -15,7 +15,7 @@ Tensor names (llama.cpp -> HF; torch [out, in] orientation in both, since ggml l
 
 q/k rows: ggml's rope rotates adjacent pairs (2j, 2j+1), so llama.cpp's converter (convert_hf_to_gguf.py,
 LlamaModel.permute) reorders every head's rows from HF's half-split layout into interleaved pairs, exactly the
-Meta layout. We undo it with weights.meta_to_hf_qk: q with the head count, k with the kv head count (GQA).
+Meta layout. We undo it with meta.meta_to_hf_qk: q with the head count, k with the kv head count (GQA).
 
 Every tensor type gguf.quants.dequantize knows (F32, F16, BF16, Q4_0/Q4_1/Q5_x/Q8_0, the K- and IQ-quants...)
 is read, as float32. Tensors are dequantized lazily from the memory-mapped file, one per lookup, so `load`
@@ -40,7 +40,8 @@ import numpy as np
 
 from lrjax import model as model_lib
 from lrjax import tokenizers
-from lrjax import weights
+from lrjax.weights import arch, meta
+from lrjax.weights.common import WeightsError, dtype_name, np_dtype
 
 ARCHITECTURES = ("llama",)
 TOKENIZER_MODELS = ("gpt2", "llama")
@@ -60,7 +61,7 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 _PRE_SPLITS = {name: _LLAMA3_SPLIT for name in ("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx")}
 
 
-class GGUFError(weights.WeightsError, tokenizers.TokenizerError):
+class GGUFError(WeightsError, tokenizers.TokenizerError):
   """A GGUF file that cannot be read or mapped; the message names the file and the problem."""
 
 
@@ -135,7 +136,7 @@ class _LazyTensors(Mapping):
       w = np.asarray(gguf.quants.dequantize(t.source.data, t.source.tensor_type), np.float32).reshape(t.shape)
     except ValueError as e:
       raise GGUFError(f"{self._path}: corrupt tensor {t.source.name} ({e})") from None
-    return weights.meta_to_hf_qk(w, t.qk_heads) if t.qk_heads else w
+    return meta.meta_to_hf_qk(w, t.qk_heads) if t.qk_heads else w
 
   def __iter__(self) -> Iterator[str]:
     return iter(self._table)
@@ -266,17 +267,17 @@ def load(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[model_li
   reader, metadata = _open(path)
   config = hf_config(metadata, {t.name for t in reader.tensors}, source=path)
   try:
-    cfg = weights.config_from_hf(config)
-  except weights.WeightsError as e:
+    cfg = arch.config_from_hf(config)
+  except WeightsError as e:
     raise GGUFError(f"{path}: {e}") from None
   tensors = _LazyTensors(_tensor_table(reader, config, path), path)
   try:
-    params = weights._assemble(cfg, tensors.shapes(), tensors.__getitem__, path, weights._dtype(dtype))
+    params = arch.assemble(cfg, tensors.shapes(), tensors.__getitem__, path, np_dtype(dtype))
   except GGUFError:
     raise
-  except weights.WeightsError as e:
+  except WeightsError as e:
     raise GGUFError(str(e)) from None
-  return cfg.replace(param_dtype=weights._dtype_name(params["embed"].dtype)), params
+  return cfg.replace(param_dtype=dtype_name(params["embed"].dtype)), params
 
 
 def load_tokenizer(path: str | os.PathLike) -> tokenizers.HFTokenizer:
