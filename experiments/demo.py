@@ -10,22 +10,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # lrjax and configs
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
-
-from lrjax import pipeline
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py"),
-    "demo config")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "output directory")
+from lrjax import cli  # noqa: E402
 
 
-def main(argv):
-  del argv
-  sys.exit(pipeline.main(_CONFIG.value, _WORKDIR.value))
+def run(config, workdir):
+  from lrjax import pipeline
+  pipeline.run_pipeline(config, workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.main(run, default_config="configs/demo.py", default_workdir="runs/demo")

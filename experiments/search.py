@@ -2,43 +2,25 @@
 
 Writes factors.json (lrjax format), factors.csv (official LongRoPE form), rope_scaling_hf.json, generations.csv,
 summary.json, factors.png and fitness.png into DIR; --config.resume=True continues an interrupted search.
+--config.dry_run=True compiles the fitness program on the config's layout instead (no weights, no data).
 """
 
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # lrjax and configs
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
-
-from lrjax import search
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/search.py:tiny", "search config")
-_WORKDIR = flags.DEFINE_string("workdir", "", "output directory (holds the resumable search state)")
+from lrjax import cli  # noqa: E402
 
 
-def main(argv):
-  del argv
-  try:
-    if _CONFIG.value.dry_run:  # compile the fitness program on config.layout; no weights, no data
-      from lrjax import dryrun
-      search.validate_config(_CONFIG.value)
-      print(dryrun.search_main(_CONFIG.value))
-      return
-    result = search.main(_CONFIG.value, _WORKDIR.value)
-  except ValueError as e:  # SearchError, FactorFileError, RopeError, ...: one clear line
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  results = result if isinstance(result, dict) else {None: result}
-  for length, r in results.items():
-    if length == "scaling":
-      continue
-    seeds = ", ".join(f"{k} {v:.4g}" for k, v in r.seed_fitness.items())
-    print(f"{r.workdir}: best fitness {r.fitness:.4g} (seeds: {seeds}); {r.evolution.evaluations} evaluations, "
-          f"{r.evolution.generations} generations, {r.compilations} compilation(s), {r.seconds:.0f}s")
+def run(config, workdir):
+  from lrjax import search
+  if config.dry_run:
+    from lrjax import dryrun
+    search.validate_config(config)
+    return dryrun.search_main(config)
+  return search.describe(search.main(config, workdir))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.main(run, default_config="configs/search.py:tiny")

@@ -8,37 +8,18 @@ data) and prints per-device memory and FLOPs; a layout that does not fit config.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # lrjax and configs
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from lrjax import train
-
-config_flags.DEFINE_config_file("config", None, "a configs/*.py file (optionally file.py:variant)",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "checkpoints, metrics.csv and TensorBoard events go here")
-flags.mark_flags_as_required(["config"])
+from lrjax import cli  # noqa: E402
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  try:
-    if flags.FLAGS.config.get("dry_run"):
-      from lrjax import dryrun
-      print(dryrun.train_main(flags.FLAGS.config))
-      return
-    if not flags.FLAGS.workdir:
-      raise train.TrainError("--workdir is required")
-    out = train.train(flags.FLAGS.config, flags.FLAGS.workdir)
-  except ValueError as e:
-    print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-    sys.exit(1)
-  print(f"done: step {out['step']}, loss {out['loss']:.4f} nats/token "
-        f"({out['loss'] / 0.6931471805599453:.4f} bits), skipped {out['skipped']}"
-        + (" (preempted)" if out["preempted"] else ""))
+def run(config, workdir):
+  from lrjax import train
+  if config.get("dry_run"):
+    from lrjax import dryrun
+    return dryrun.train_main(config)
+  return train.describe(train.train(config, workdir))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.main(run, default_config="configs/pretrain.py")

@@ -263,17 +263,6 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str, *,
   return {"results": run.results, "seconds": run.times, "summary": summary}
 
 
-def main(config: ml_collections.ConfigDict, workdir: str) -> int:
-  """What experiments/demo.py and reproduce.py run: the pipeline, one clear line on bad input; exit code."""
-  import sys
-  try:
-    run_pipeline(config, workdir)
-  except ValueError as e:  # every lrjax error is a ValueError subclass with a one-line message
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-    return 1
-  return 0
-
-
 def _fmt(x):
   return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else (f"{x:.3g}" if x < 100 else f"{x:.0f}")
 

@@ -521,6 +521,12 @@ def balance_order(model_cfg: model_lib.ModelConfig, mesh) -> str:
   return "zigzag" if ring else "none"
 
 
+def describe(out: dict) -> str:
+  """The line experiments/train.py prints at the end of a run."""
+  return (f"done: step {out['step']}, loss {out['loss']:.4f} nats/token ({out['loss'] / math.log(2):.4f} bits), "
+          f"skipped {out['skipped']}" + (" (preempted)" if out["preempted"] else ""))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, report: Callable[[str], None] = print,
           progress: bool = True) -> dict:
   """Run (or resume) every stage of `config`, checkpointing into `workdir`.
@@ -531,6 +537,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, report: Callable[[
     TrainError (and subclasses of ValueError from lrjax modules) with a one-line message for bad input.
   """
   validate_config(config)
+  if not workdir:
+    raise TrainError("--workdir is required")
   model_cfg = model_config(config)
   stages = parse_stages(config, model_cfg)
   if config.get("export_hf") and stages[-1].rope.method == "longrope" and stages[-1].rope.n_hat:

@@ -19,5 +19,5 @@ from lrjax.search.space import (PAPER_N_HAT_CHOICES, SEED_METHODS, SearchError, 
                                     critical_seeds, crossover, genome_cd, genome_factors, genome_from_factors,
                                     genome_key, genome_n_hat, genome_temperature, is_valid, method_factors, mutate,
                                     searched_factors)
-from lrjax.search.stages import (STATE_FILE, SearchResult, fitness_documents, load_base, main, run,
+from lrjax.search.stages import (STATE_FILE, SearchResult, describe, fitness_documents, load_base, main, run,
                                      run_short)

@@ -197,3 +197,17 @@ def main(config, workdir: str) -> dict | SearchResult:
   if config.stage == "short":
     return run_short(config, model_config, params, documents, workdir, **kw)
   return run(config, model_config, params, documents, workdir, **kw)
+
+
+def describe(result: SearchResult | dict) -> str:
+  """One line per finished search (a short-recovery run has one per length)."""
+  results = result if isinstance(result, dict) else {None: result}
+  lines = []
+  for length, r in results.items():
+    if length == "scaling":
+      continue
+    seeds = ", ".join(f"{k} {v:.4g}" for k, v in r.seed_fitness.items())
+    lines.append(f"{r.workdir}: best fitness {r.fitness:.4g} (seeds: {seeds}); {r.evolution.evaluations} "
+                 f"evaluations, {r.evolution.generations} generations, {r.compilations} compilation(s), "
+                 f"{r.seconds:.0f}s")
+  return "\n".join(lines)

@@ -12,12 +12,12 @@ leaves a half-written checkpoint, and an existing non-empty directory is only re
   gguf      llama.cpp GGUF files (dequantised; tokenizer from the metadata)
   native    orbax + lrjax_config.json
   registry  which format a path holds; load any; named models ("builtin", "smollm2")
-  convert   any format -> hf | meta | native, with a RoPE setting written into the config
+  conversion any format -> hf | meta | native, with a RoPE setting written into the config
 """
 
 from lrjax.weights.arch import ARCHITECTURES, config_from_hf, config_to_hf, original_window
 from lrjax.weights.common import WeightsError
-from lrjax.weights.convert import FORMATS, convert
+from lrjax.weights.conversion import FORMATS, convert
 from lrjax.weights.hf import load_hf, parse_size, read_config, save_hf
 from lrjax.weights.meta import hf_to_meta_qk, load_meta, meta_intermediate_size, meta_to_hf_qk, save_meta
 from lrjax.weights.native import config_from_dict, config_to_dict, load_native, save_native

@@ -75,3 +75,38 @@ def convert(source: str | os.PathLike, dest: str | os.PathLike, *, format: str =
           f"{cfg.num_layers} layers, {cfg.num_params() / 1e6:.2f}M params, max_position_embeddings "
           f"{cfg.max_position_embeddings}, rope {rope_desc}"
           + (f", {len(extra)} tokenizer file(s) copied" if extra else ""))
+
+
+def run(config) -> str:
+  """experiments/convert.py: validates a configs/convert.py ConfigDict (no value that nothing reads) and
+  converts; returns the one-line summary."""
+  from lrjax import factors, schema
+  schema.check(config, _schema(), error=WeightsError)
+  c = config
+  if not c.source or not c.dest:
+    raise WeightsError("set --config.source and --config.dest")
+  if c.format not in FORMATS:
+    raise WeightsError(f"unknown format {c.format!r}; expected one of {', '.join(FORMATS)}")
+  if c.max_shard_size and c.format != "hf":
+    raise WeightsError("max_shard_size applies to format=hf only")
+  if c.allow_dropping_n_hat and c.format != "hf":
+    raise WeightsError("allow_dropping_n_hat applies to format=hf only")
+  if (c.target_length or c.original_length) and not c.factors:
+    raise WeightsError("target_length and original_length apply only together with factors")
+  scaling, target = None, None
+  if c.factors:
+    loaded = factors.read(c.factors)
+    scaling, target = loaded.scaling, c.target_length or loaded.target_length
+    if c.original_length:
+      scaling = scaling.replace(original_max_position_embeddings=c.original_length)
+  return convert(c.source, c.dest, format=c.format, dtype=c.dtype or None,
+                 max_shard_bytes=hf.parse_size(c.max_shard_size) if c.max_shard_size else None,
+                 scaling=scaling, target_length=target, overwrite=c.overwrite,
+                 allow_dropping_n_hat=c.allow_dropping_n_hat)
+
+
+def _schema() -> dict:
+  from lrjax import schema
+  return {"source": schema.STR, "dest": schema.STR, "format": schema.STR, "dtype": schema.STR,
+          "max_shard_size": schema.STR, "factors": schema.STR, "target_length": schema.NON_NEGATIVE_INT,
+          "original_length": schema.NON_NEGATIVE_INT, "allow_dropping_n_hat": schema.BOOL, "overwrite": schema.BOOL}
