@@ -1,7 +1,7 @@
 """Peak memory of a perplexity evaluation vs length: blockwise attention + chunked loss stay linear in length.
 
 Model (a) of eval_throughput (d_model 256, 4 layers, 4 heads, vocab 256), one document of L tokens, the
-truncate protocol through lrjax.evaluate.perplexity. Each length runs in a fresh subprocess and reports
+truncate protocol through lrjax.perplexity.perplexity. Each length runs in a fresh subprocess and reports
   xla     XLA's compiled memory_analysis of the evaluation program: arguments + outputs + temporaries
   rss     the process's peak resident set (resource.getrusage ru_maxrss), and its increase over the RSS
           before compiling (the Python/JAX baseline and the parameters)
@@ -35,7 +35,7 @@ def child(length: int, layers: int, mode: str) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from lrjax import evaluate, model as model_lib
+  from lrjax import model as model_lib, perplexity
 
   cfg = model_lib.ModelConfig(vocab_size=256, hidden_size=256, intermediate_size=768, num_layers=layers,
                               num_heads=4, num_kv_heads=4, head_dim=64)
@@ -46,14 +46,14 @@ def child(length: int, layers: int, mode: str) -> dict:
   rope = jax.tree.map(jnp.asarray, cfg.rope_arrays(seq_len=length))
   tokens = jnp.asarray(doc[None])
   weights = jnp.ones((1, length - 1), jnp.float32)
-  compiled = evaluate.compiled_window_nll(cfg).lower(params, tokens, rope, weights).compile()
+  compiled = perplexity.compiled_window_nll(cfg).lower(params, tokens, rope, weights).compile()
   mem = compiled.memory_analysis()
   xla = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
   out = {"length": length, "xla_bytes": int(xla), "xla_temp_bytes": int(mem.temp_size_in_bytes),
          "baseline_rss_bytes": int(base)}
   if mode == "run":
     with harness.timed() as timing:
-      result = evaluate.perplexity(cfg, params, [doc], length=length, batch_size=1)
+      result = perplexity.perplexity(cfg, params, [doc], length=length, batch_size=1)
     out.update(seconds=timing.wall_s, cpu_seconds=timing.cpu_s, ppl=result.ppl, peak_rss_bytes=int(rss()))
   return out
 

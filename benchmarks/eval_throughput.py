@@ -1,7 +1,7 @@
 """Perplexity-evaluation throughput: lrjax vs transformers (torch CPU, sdpa) on the same weights and tokens.
 
 Both sides compute the summed next-token NLL of a batch of windows, forward only, float32:
-  lrjax:        lrjax.evaluate.window_nll under jax.jit (one compiled program, chunked loss)
+  lrjax:        lrjax.perplexity.window_nll under jax.jit (one compiled program, chunked loss)
   transformers: LlamaForCausalLM(attn_implementation="sdpa") under torch.no_grad, logits + cross-entropy
 The random lrjax parameters are copied into the torch model, and the two NLLs are checked to agree before
 timing. Runs alternate (lrjax, torch, lrjax, torch, ...) so load from other processes hits both alike; the
@@ -50,7 +50,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lrjax import evaluate  # noqa: E402
+from lrjax import perplexity  # noqa: E402
 from lrjax import model as model_lib  # noqa: E402
 
 SHAPES = {
@@ -114,7 +114,7 @@ def measure(name: str, spec: dict, bench: harness.Bench) -> dict[str, float]:
   tokens = jnp.asarray(tokens_np)
   rope = jax.tree.map(jnp.asarray, cfg.rope_arrays(seq_len=t))
   weights = jnp.ones((b, t - 1), jnp.float32)
-  fn = evaluate.compiled_window_nll(cfg)  # what lrjax.evaluate.perplexity runs
+  fn = perplexity.compiled_window_nll(cfg)  # what lrjax.perplexity.perplexity runs
 
   def run_jax():
     return np.asarray(jax.block_until_ready(fn(params, tokens, rope, weights)[0]))

@@ -193,17 +193,17 @@ def tokenized_documents(source: str | Source, tokenizer, *, min_tokens: int = 0,
     tokenizer: anything with encode(text) -> ids and bos_id (lrjax.tokenizers).
     min_tokens: keep only documents with at least this many tokens (BOS included); 0 keeps all, even empty.
     max_documents: stop after this many kept documents (the rest of the source is not read).
-    add_bos: prefix each document with tokenizer.bos_id. None: exactly when the tokenizer has one (the
-      perplexity protocol: a window is BOS + the document's first L-1 tokens). True without a BOS id is an
-      error.
+    add_bos: prefix each document with tokenizer.bos_id. None: exactly when the tokenizer adds one to model
+      input (tokenizer.add_bos; the perplexity protocol: a window is then BOS + the document's first L-1 tokens).
+      True without a BOS id is an error.
   Returns:
     a list of i32[n_i] arrays.
   Raises:
     DataError when nothing is left ("0 of 16 documents have >= 16384 tokens (longest: 9876)").
   """
   bos = getattr(tokenizer, "bos_id", None)
-  if add_bos is None:
-    add_bos = bos is not None
+  if add_bos is None:  # the checkpoint's rule (tokenizer.add_bos: SmolLM2 adds none although it has a BOS id)
+    add_bos = getattr(tokenizer, "add_bos", bos is not None)
   elif add_bos and bos is None:
     raise DataError(f"add_bos=True but tokenizer {tokenizer!r} has no BOS id")
   if max_documents is not None and max_documents < 1:

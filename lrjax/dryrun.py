@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lrjax import evaluate as evaluate_lib
 from lrjax import model as model_lib
+from lrjax import perplexity
 from lrjax import rope as rope_lib
 from lrjax import sharding as sharding_lib
 from lrjax import train as train_lib
@@ -143,9 +143,9 @@ def dry_run_eval(model_cfg: model_lib.ModelConfig, mesh_config, *, lengths, batc
       rope = _abstract_rope(model_cfg, replicated)
       if candidates:
         rope = jax.tree.map(lambda a: _abstract((candidates,) + a.shape, a.dtype, replicated), rope)
-        fn = jax.jit(lambda p, t, r: jax.vmap(lambda rr: evaluate_lib.window_nll(model_cfg, p, t, rr))(r))
+        fn = jax.jit(lambda p, t, r: jax.vmap(lambda rr: perplexity.window_nll(model_cfg, p, t, rr))(r))
       else:
-        fn = jax.jit(lambda p, t, r: evaluate_lib.window_nll(model_cfg, p, t, r))
+        fn = jax.jit(lambda p, t, r: perplexity.window_nll(model_cfg, p, t, r))
       start = time.time()
       compiled = fn.lower(params, tokens, rope).compile()
     what = f"fitness x{candidates}" if candidates else "perplexity"

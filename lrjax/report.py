@@ -1,4 +1,4 @@
-"""What people read: text tables, CSV/JSON files, PNG plots, and a CSV metrics log (no TensorBoard needed).
+"""What people read: text tables, CSV/JSON files, PNG plots, progress bars.
 
 Every file is written to a temporary sibling and renamed into place, so an interrupted run never leaves a
 half-written result over a good one. Plots use matplotlib's Agg backend (no display).
@@ -7,20 +7,21 @@ half-written result over a good one. Plots use matplotlib's Agg backend (no disp
   write_csv / write_json / write_text        atomic file writers
   line_plot(path, series, ...)               generic curves, optional log axes
   perplexity_plot(path, table)               perplexity vs evaluation length, log y
-  MetricsWriter(path).write(step, {...})     append-only long-format CSV: step, name, value, wall_time
-  read_metrics(path)                         -> {name: (steps, values)} for plotting
+  heatmap(path, grid, ...)                   a 2-D grid of scores (length x depth, setting x length)
+  progress_bar(enabled, ...)                 a tqdm bar for long work, or a silent stand-in
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import os
+import sys
 import tempfile
-import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -171,57 +172,58 @@ def perplexity_plot(path: str | os.PathLike, table: Mapping[str, Mapping[int, fl
             xticks=lengths)
 
 
-class MetricsWriter:
-  """Append-only long-format CSV of scalars: step, name, value, wall_time (one row per scalar).
+def heatmap(path: str | os.PathLike, values: np.ndarray, *, rows: Sequence[Any], columns: Sequence[Any],
+            xlabel: str = "", ylabel: str = "", title: str = "", vmin: float = 0.0, vmax: float = 100.0,
+            fmt: str = "{:.0f}") -> None:
+  """A PNG heat map of values f64[len(rows), len(columns)] (e.g. accuracy by needle depth x context length),
+  each cell annotated; NaN cells stay blank."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
 
-  Appends survive restarts (a resumed run continues the same file); each write is flushed.
-  """
-
-  HEADER = ("step", "name", "value", "wall_time")
-
-  def __init__(self, path: str | os.PathLike):
-    self.path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-    new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
-    self._file = open(self.path, "a", newline="", encoding="utf-8")
-    self._writer = csv.writer(self._file, lineterminator="\n")
-    if new:
-      self._writer.writerow(self.HEADER)
-      self._file.flush()
-
-  def write(self, step: int, metrics: Mapping[str, float], wall_time: float | None = None) -> None:
-    wall_time = time.time() if wall_time is None else wall_time
-    for name, value in metrics.items():
-      self._writer.writerow((int(step), name, repr(float(value)), f"{wall_time:.3f}"))
-    self._file.flush()
-
-  def close(self) -> None:
-    if not self._file.closed:
-      self._file.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
+  values = np.asarray(values, np.float64)
+  fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(columns), 1.0 + 0.45 * len(rows)), dpi=120)
+  try:
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="RdYlGn", vmin=vmin, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(columns)), [_short_number(c) if isinstance(c, (int, np.integer)) else str(c)
+                                        for c in columns])
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+    for (i, j), v in np.ndenumerate(values):
+      if np.isfinite(v):
+        ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+      ax.set_title(title)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+  finally:
+    plt.close(fig)
+  atomic_write(path, buf.getvalue())
 
 
-def read_metrics(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """{name: (steps i64[n], values f64[n])} from a MetricsWriter file, in file order."""
-  out: dict[str, tuple[list, list]] = {}
-  with open(path, newline="", encoding="utf-8") as f:
-    reader = csv.reader(f)
-    header = next(reader, None)
-    if header is None or tuple(header) != MetricsWriter.HEADER:
-      raise ValueError(f"{path}: not a metrics CSV (expected header {','.join(MetricsWriter.HEADER)})")
-    for lineno, row in enumerate(reader, 2):
-      if not row:
-        continue
-      try:
-        step, name, value = int(row[0]), row[1], float(row[2])
-      except (ValueError, IndexError):
-        raise ValueError(f"{path}:{lineno}: malformed metrics row {row!r}") from None
-      steps, values = out.setdefault(name, ([], []))
-      steps.append(step)
-      values.append(value)
-  return {k: (np.asarray(s, np.int64), np.asarray(v, np.float64)) for k, (s, v) in out.items()}
+class _NoBar:
+  def update(self, n: int = 1) -> None:
+    pass
+
+  def set_postfix_str(self, text: str) -> None:
+    pass
+
+  def set_postfix(self, **kw) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, **tqdm_kwargs) -> Iterator[Any]:
+  """A tqdm bar (on stderr) for long work, or a do-nothing stand-in with the same methods when disabled."""
+  if not enabled:
+    yield _NoBar()
+    return
+  from tqdm.auto import tqdm
+  bar = tqdm(dynamic_ncols=True, file=sys.stderr, **tqdm_kwargs)
+  try:
+    yield bar
+  finally:
+    bar.close()

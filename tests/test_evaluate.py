@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from lrjax import evaluate, model as model_lib, rope as rope_lib, sharding as sharding_lib
+from lrjax import evaluate
+from lrjax import perplexity as ppl_lib, model as model_lib, rope as rope_lib, sharding as sharding_lib
 
 CFG = model_lib.ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                             num_kv_heads=2, head_dim=8, max_position_embeddings=16, block_q=8, block_k=8)
@@ -48,11 +49,11 @@ def test_window_nll_equals_full_logits(params, logits_fn):
   logp = jax.nn.log_softmax(logits_fn(params, tokens, rope), -1)
   ref = -(jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0] * weights).sum(-1)
   for chunk in (None, 5):  # 5 does not divide 24: padded chunks
-    fn = jax.jit(lambda p, t, r, w: evaluate.window_nll(CFG, p, t, r, weights=w, chunk=chunk))
+    fn = jax.jit(lambda p, t, r, w: ppl_lib.window_nll(CFG, p, t, r, weights=w, chunk=chunk))
     nll, count = fn(params, tokens, rope, weights)
     np.testing.assert_allclose(nll, ref, rtol=2e-5)
     np.testing.assert_allclose(count, weights.sum(-1))
-  nll, count = jax.jit(lambda p, t, r: evaluate.window_nll(CFG, p, t, r))(params, tokens, rope)
+  nll, count = jax.jit(lambda p, t, r: ppl_lib.window_nll(CFG, p, t, r))(params, tokens, rope)
   full = -jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0].sum(-1)
   np.testing.assert_allclose(nll, full, rtol=2e-5)
   np.testing.assert_allclose(count, [23, 23])
@@ -82,7 +83,7 @@ def _reference(logits_fn, params, docs, length, bos, scaling, stride=None):
 @pytest.mark.parametrize("bos", [None, 255])
 def test_truncate_matches_reference(params, logits_fn, bos):
   docs = _docs([30, 20, 41], seed=2, bos=bos)
-  res = evaluate.perplexity(CFG, params, docs, length=20, rope=DYNAMIC, protocol="truncate", batch_size=2,
+  res = ppl_lib.perplexity(CFG, params, docs, length=20, rope=DYNAMIC, protocol="truncate", batch_size=2,
                             bos_id=bos)
   ref = _reference(logits_fn, params, docs, 20, bos, DYNAMIC)
   assert res.num_windows == 3 and res.num_documents == 3
@@ -96,7 +97,7 @@ def test_truncate_matches_reference(params, logits_fn, bos):
 @pytest.mark.parametrize("bos", [None, 255])
 def test_sliding_matches_reference(params, logits_fn, bos):
   docs = _docs([45, 20, 33], seed=3, bos=bos)
-  res = evaluate.perplexity(CFG, params, docs, length=20, rope=DYNAMIC, protocol="sliding", stride=7,
+  res = ppl_lib.perplexity(CFG, params, docs, length=20, rope=DYNAMIC, protocol="sliding", stride=7,
                             batch_size=3, bos_id=bos)
   ref = _reference(logits_fn, params, docs, 20, bos, DYNAMIC, stride=7)
   _check_against_reference(res, ref)
@@ -109,7 +110,7 @@ def test_stride_beyond_the_window_samples_disjoint_windows(params, logits_fn, bo
   """The paper's Books3 protocol (a 256k stride at 8k): stride > L - 1 gives disjoint windows, each fully scored
   and the tokens between them unscored, exactly as the official (HF-style) loop does."""
   docs = _docs([80, 20, 61], seed=5, bos=bos)
-  res = evaluate.perplexity(CFG, params, docs, length=20, rope=DYNAMIC, protocol="sliding", stride=25,
+  res = ppl_lib.perplexity(CFG, params, docs, length=20, rope=DYNAMIC, protocol="sliding", stride=25,
                             batch_size=2, bos_id=bos)
   ref = _reference(logits_fn, params, docs, 20, bos, DYNAMIC, stride=25)
   _check_against_reference(res, ref)
@@ -120,7 +121,7 @@ def test_stride_beyond_the_window_samples_disjoint_windows(params, logits_fn, bo
 def test_short_documents_kept_as_one_shorter_window(params, logits_fn, bos):
   """PG19: the paper scores the whole test split; a book shorter than the window is one shorter window."""
   docs = _docs([12, 45, 7], seed=6, bos=bos)
-  res = evaluate.perplexity(CFG, params, docs, length=20, rope=DYNAMIC, protocol="sliding", stride=7,
+  res = ppl_lib.perplexity(CFG, params, docs, length=20, rope=DYNAMIC, protocol="sliding", stride=7,
                             batch_size=2, bos_id=bos, short_documents="keep")
   _check_against_reference(res, _reference(logits_fn, params, docs, 20, bos, DYNAMIC, stride=7))
   assert res.num_documents == 3
@@ -143,8 +144,8 @@ def test_sliding_scores_every_token_once(lengths, length, stride, bos):
   docs = [np.arange(n, dtype=np.int32) % 5 + 10 for n in lengths]  # ids never equal bos_id
   if bos:
     docs = [np.concatenate([[bos_id], d]).astype(np.int32) for d in docs]
-  windows = evaluate.plan_windows(lengths, length, protocol="sliding", stride=stride, bos=bos)
-  tokens, weights, sizes = evaluate.window_arrays(docs, windows, length, bos_id)
+  windows = ppl_lib.plan_windows(lengths, length, protocol="sliding", stride=stride, bos=bos)
+  tokens, weights, sizes = ppl_lib.window_arrays(docs, windows, length, bos_id)
   scored = [np.zeros(n, int) for n in lengths]
   for win, w, n in zip(windows, weights, sizes):
     off = int(bos)
@@ -169,12 +170,12 @@ def test_new_factors_do_not_recompile(params):
   results = []
   for i, scaling in enumerate(scalings):
     before = len(events)
-    results.append(evaluate.perplexity(CFG, params, docs, length=24, rope=scaling, batch_size=3).ppl)
+    results.append(ppl_lib.perplexity(CFG, params, docs, length=24, rope=scaling, batch_size=3).ppl)
     if i:
       assert len(events) == before, "a new factor set recompiled the evaluation"
   assert len(set(results)) == 3  # the factors really changed the result
   before = len(events)
-  evaluate.perplexity(CFG, params, docs, length=24, rope=scalings[0], batch_size=2)  # new shape: compiles
+  ppl_lib.perplexity(CFG, params, docs, length=24, rope=scalings[0], batch_size=2)  # new shape: compiles
   assert len(events) > before
 
 
@@ -182,9 +183,9 @@ def test_vmap_over_stacked_rope(params):
   tokens = jnp.asarray(_docs([16, 16], seed=6)).reshape(2, 16)
   arrays = [CFG.rope_arrays(rope_lib.RopeScaling("linear", factor=f)) for f in (1.0, 2.0, 4.0)]
   stacked = jax.tree.map(jnp.asarray, rope_lib.stack_rope_arrays(arrays))
-  nll, count = jax.jit(jax.vmap(lambda r: evaluate.window_nll(CFG, params, tokens, r)))(stacked)
+  nll, count = jax.jit(jax.vmap(lambda r: ppl_lib.window_nll(CFG, params, tokens, r)))(stacked)
   assert nll.shape == count.shape == (3, 2)
-  single_fn = evaluate.compiled_window_nll(CFG)
+  single_fn = ppl_lib.compiled_window_nll(CFG)
   for i, a in enumerate(arrays):
     single = single_fn(params, tokens, jax.tree.map(jnp.asarray, a), jnp.ones((2, 15)))[0]
     np.testing.assert_allclose(nll[i], single, rtol=1e-5)
@@ -193,15 +194,15 @@ def test_vmap_over_stacked_rope(params):
 def test_mesh_matches_single_device(params):
   docs = _docs([33, 40, 35, 50], seed=7)
   mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 1, "sequence": 4, "tensor": 1})
-  single = evaluate.perplexity(CFG, params, docs, length=32, rope=DYNAMIC, batch_size=2)
-  ring = evaluate.perplexity(CFG.replace(attention="ring"), params, docs, length=32, rope=DYNAMIC, batch_size=2,
+  single = ppl_lib.perplexity(CFG, params, docs, length=32, rope=DYNAMIC, batch_size=2)
+  ring = ppl_lib.perplexity(CFG.replace(attention="ring"), params, docs, length=32, rope=DYNAMIC, batch_size=2,
                              mesh=mesh)
   np.testing.assert_allclose(ring.window_nll, single.window_nll, rtol=2e-5)
 
 
 def test_bad_inputs(params):
   docs = _docs([30, 10])
-  run = lambda **kw: evaluate.perplexity(CFG, params, kw.pop("docs", docs), **{"length": 20, **kw})
+  run = lambda **kw: ppl_lib.perplexity(CFG, params, kw.pop("docs", docs), **{"length": 20, **kw})
   with pytest.raises(evaluate.EvalError, match="length 20 exceeds max_length 16"):
     run(max_length=16)
   with pytest.raises(evaluate.EvalError, match=r"document 1 has 10 tokens, fewer than the evaluation length 20"):
@@ -282,7 +283,7 @@ def test_experiment_writes_table_csv_json_plot(tmp_path, byte_model):
   cfg = BYTE_CFG.replace(block_q=c.block_q, block_k=c.block_k)
   for setting, scaling in (("pi", rope_lib.RopeScaling("linear", factor=4.0)),
                            ("mine", factors.load(factor_file))):
-    direct = evaluate.perplexity(cfg, params, docs, length=64, rope=scaling, batch_size=2)
+    direct = ppl_lib.perplexity(cfg, params, docs, length=64, rope=scaling, batch_size=2)
     np.testing.assert_allclose(out["table"][setting][64], direct.ppl, rtol=1e-5)
 
 

@@ -60,23 +60,15 @@ def test_plots_are_pngs(tmp_path):
   assert img.std() > 0  # something was drawn
 
 
-def test_metrics_writer_round_trip_and_append(tmp_path):
-  path = tmp_path / "metrics.csv"
-  with report.MetricsWriter(path) as w:
-    w.write(0, {"loss": 2.5, "lr": 1e-5}, wall_time=100.0)
-    w.write(10, {"loss": 1.25})
-  with report.MetricsWriter(path) as w:  # a resumed run appends, header written once
-    w.write(20, {"loss": 1.0})
-  m = report.read_metrics(path)
-  assert sorted(m) == ["loss", "lr"]
-  np.testing.assert_array_equal(m["loss"][0], [0, 10, 20])
-  np.testing.assert_array_equal(m["loss"][1], [2.5, 1.25, 1.0])
-  np.testing.assert_array_equal(m["lr"][1], [1e-5])
-  assert path.read_text().count("step,name,value,wall_time") == 1
-  bad = tmp_path / "bad.csv"
-  bad.write_text("x,y\n")
-  with pytest.raises(ValueError, match="not a metrics CSV"):
-    report.read_metrics(bad)
-  bad.write_text("step,name,value,wall_time\n3,loss,abc,1\n")
-  with pytest.raises(ValueError, match=r"bad.csv:2: malformed metrics row"):
-    report.read_metrics(bad)
+def test_heatmap_and_progress_bar(tmp_path, capsys):
+  path = tmp_path / "grid.png"
+  values = np.array([[100.0, 50.0, np.nan], [0.0, 25.0, 75.0]])
+  report.heatmap(path, values, rows=["depth 0", "depth 1"], columns=[4096, 8192, 16384], xlabel="length")
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  with report.progress_bar(False, total=3) as bar:   # disabled: the same methods, no output
+    bar.update(1)
+    bar.set_postfix_str("x")
+  assert capsys.readouterr().err == ""
+  with report.progress_bar(True, total=3, desc="work") as bar:
+    bar.update(3)
+  assert "work" in capsys.readouterr().err

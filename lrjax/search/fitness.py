@@ -1,8 +1,8 @@
 """Search fitness: documents -> windows -> population-parallel perplexity through one compiled program.
 
 Fitness is perplexity under the truncate protocol (one window of exactly L tokens per document, built by
-lrjax.evaluate's window planner; PPL = exp(mean per-window mean NLL)), or LongRoPE2's needle-driven variant
-(perplexity of the answer tokens only). `evaluate.window_nll` is vmapped over a chunk of C candidates' stacked
+lrjax.perplexity's window planner; PPL = exp(mean per-window mean NLL)), or LongRoPE2's needle-driven variant
+(perplexity of the answer tokens only). `perplexity.window_nll` is vmapped over a chunk of C candidates' stacked
 RopeArrays: factors, n̂ and temperature are traced, so a whole search compiles once per (length, batch, C).
 """
 
@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lrjax import evaluate
+from lrjax import perplexity
 from lrjax import rope as rope_lib
 from lrjax.search.space import SearchError
 
@@ -31,7 +31,7 @@ NEEDLE_ANSWER = " {number}."
 
 
 def truncate_windows(documents: Sequence[np.ndarray], length: int, bos_id: int | None = None) -> np.ndarray:
-  """One window per document, the truncate protocol of lrjax.evaluate: BOS + its first L-1 tokens when bos_id
+  """One window per document, the truncate protocol of lrjax.perplexity: BOS + its first L-1 tokens when bos_id
   is given (a document's own leading BOS is not doubled), else its first L tokens. i32[N, L]."""
   if not documents:
     raise SearchError("no documents to evaluate the fitness on")
@@ -41,9 +41,9 @@ def truncate_windows(documents: Sequence[np.ndarray], length: int, bos_id: int |
       raise SearchError(f"document {i} is not a 1-D token sequence (shape {doc.shape})")
     if doc.shape[0] < length:
       raise SearchError(f"document {i} has {doc.shape[0]} tokens, shorter than the target length {length}")
-  bodies = [evaluate.document_body(np.asarray(d), bos_id).shape[0] for d in documents]
-  windows = evaluate.plan_windows(bodies, length, protocol="truncate", bos=bos_id is not None)
-  tokens, _, _ = evaluate.window_arrays(documents, windows, length, bos_id)
+  bodies = [perplexity.document_body(np.asarray(d), bos_id).shape[0] for d in documents]
+  windows = perplexity.plan_windows(bodies, length, protocol="truncate", bos=bos_id is not None)
+  tokens, _, _ = perplexity.window_arrays(documents, windows, length, bos_id)
   return tokens
 
 
@@ -63,7 +63,7 @@ def needle_windows(documents: Sequence[np.ndarray], length: int, encode: Callabl
   for i, doc in enumerate(documents):
     doc = np.asarray(doc, np.int64)
     head = [] if bos_id is None else [bos_id]
-    doc = evaluate.document_body(doc, bos_id)
+    doc = perplexity.document_body(doc, bos_id)
     number = int(rng.integers(1_000_000, 10_000_000))
     intro = list(encode(NEEDLE_INTRO.format(key=key, number=number)))
     question = list(encode(NEEDLE_QUESTION.format(key=key)))
@@ -106,7 +106,7 @@ def make_nll_fn(model_config, *, candidates: int, counter: CompileCounter | None
   With `mesh`, the C axis is split over mesh axis `axis` (jax.shard_map: each device vmaps over its share,
   params and tokens replicated).
   """
-  window_nll = evaluate.window_nll if window_nll is None else window_nll
+  window_nll = perplexity.window_nll if window_nll is None else window_nll
   counter = counter if counter is not None else CompileCounter()
 
   def one(params, tokens, weights, rope):

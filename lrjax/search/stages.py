@@ -162,14 +162,14 @@ def load_base(config, model_config) -> rope_lib.RopeScaling | None:
 def fitness_documents(config, tokenizer, min_tokens: int) -> tuple[list[np.ndarray], dict]:
   """The fitness documents: N of the source's documents with >= min_tokens tokens, drawn at random (seeded by
   search.seed, as the paper samples 5 PG19 books) or the first N; and a record of which were used."""
-  from lrjax import data, evaluate
+  from lrjax import data, perplexity
   n = int(config.data.num_documents)
   docs = data.tokenized_documents(config.data.source, tokenizer, min_tokens=min_tokens,
                                   max_documents=None if config.data.sample_documents else n)
   if len(docs) < n:
     raise SearchError(f"{config.data.source} has only {len(docs)} documents of at least {min_tokens} tokens; "
                       f"{n} requested")
-  chosen = (evaluate.sample_documents(n, len(docs), seed=int(config.search.seed)) if config.data.sample_documents
+  chosen = (perplexity.sample_documents(n, len(docs), seed=int(config.search.seed)) if config.data.sample_documents
             else list(range(n)))
   info = {"source": config.data.source, "qualifying": len(docs), "indices": chosen,
           "sampled": bool(config.data.sample_documents), "tokens": [int(docs[i].shape[0]) for i in chosen]}
