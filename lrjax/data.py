@@ -1,10 +1,12 @@
-"""Documents from text sources, and their token ids (packing for training lives in lrjax.packing).
+"""Documents from text sources, and their token ids (training input: lrjax.records, lrjax.stream).
 
 A source is one string, `SOURCE[?key=value&key=value]`:
 
   builtin:train | builtin:valid | builtin:test   the corpus shipped in lrjax/assets/corpus (jsonl.gz)
   path/to/file.jsonl, file.jsonl.gz              one document per line: {"id": ..., "text": ...}
                                                  (?field=NAME reads another text field)
+  path/to/file.parquet                           one document per row of the text column (?field=NAME reads
+                                                 another column; an "id" column, when present, names rows)
   path/to/file.txt (any other file; .gz ok)      one document: the whole file
   path/to/folder                                 one document per file matching ?pattern= (default *.txt),
                                                  sorted by relative path; "**/*.md" recurses
@@ -12,6 +14,7 @@ A source is one string, `SOURCE[?key=value&key=value]`:
                                                  ?split=test (default), ?data_dir=DIR, ?field=text
                                                  (PG19's text feature is book_text)
 
+Paths go through etils.epath, so gs:// (and any other filesystem epath reaches) works like a local path.
 Order is deterministic (file order, sorted paths, TFDS index order), so the first N documents of a source are
 always the same N. Documents are `Document(id, text)`; `tokenized_documents` turns them into i32 token arrays,
 optionally prefixed with BOS and filtered by minimum length (long-document evaluation sets).
@@ -19,13 +22,16 @@ optionally prefixed with BOS and filtered by minimum length (long-document evalu
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import json
 import os
-import pathlib
+import re
 from typing import Iterator, NamedTuple
 
 import numpy as np
+from etils import epath
 
 BUILTIN_DIR = os.path.join(os.path.dirname(__file__), "assets", "corpus")
 BUILTIN_SPLITS = ("train", "valid", "test")
@@ -43,7 +49,7 @@ class Document(NamedTuple):
 
 class Source(NamedTuple):
   """A parsed source string (see the module docstring)."""
-  kind: str  # "builtin", "jsonl", "text", "folder", "tfds"
+  kind: str  # "builtin", "jsonl", "parquet", "text", "folder", "tfds"
   location: str  # split name, path, or TFDS dataset name
   field: str = "text"
   pattern: str = "*.txt"
@@ -55,7 +61,7 @@ def parse_source(spec: str) -> Source:
   """Parses `SOURCE[?key=value&...]`; raises DataError for unknown keys or a missing path."""
   spec = os.fspath(spec)
   location, options = spec, {}
-  if "?" in spec and not os.path.exists(spec):
+  if "?" in spec and not epath.Path(spec).exists():
     location, query = spec.split("?", 1)
     for item in filter(None, query.split("&")):
       key, sep, value = item.partition("=")
@@ -63,6 +69,8 @@ def parse_source(spec: str) -> Source:
         raise DataError(f"data source {spec!r}: bad option {item!r} (expected key=value with key in "
                         f"{', '.join(sorted(_OPTIONS))})")
       options[key] = value
+  if not location:
+    raise DataError(f"data source {spec!r}: empty path")
   if location.startswith("builtin:"):
     split = location.split(":", 1)[1]
     if split not in BUILTIN_SPLITS:
@@ -74,24 +82,30 @@ def parse_source(spec: str) -> Source:
     kind, location = "tfds", location.split(":", 1)[1]
     if not location:
       raise DataError(f"data source {spec!r}: missing TFDS dataset name (tfds:NAME)")
-  elif os.path.isdir(location):
+  elif epath.Path(location).is_dir():
     kind = "folder"
-  elif os.path.isfile(location):
-    kind = "jsonl" if location.endswith((".jsonl", ".jsonl.gz")) else "text"
+  elif epath.Path(location).exists():
+    kind = ("jsonl" if location.endswith((".jsonl", ".jsonl.gz")) else
+            "parquet" if location.endswith(".parquet") else "text")
   else:
     raise DataError(f"data source {location!r}: no such file or directory (expected builtin:train|valid|test, "
-                    "tfds:NAME, a .jsonl(.gz) or text file, or a folder)")
-  inapplicable = {"builtin": {"pattern", "split", "data_dir"}, "jsonl": {"pattern", "split", "data_dir"},
-                  "text": {"field", "pattern", "split", "data_dir"}, "folder": {"field", "split", "data_dir"},
-                  "tfds": {"pattern"}}[kind] & set(options)
+                    "tfds:NAME, a .jsonl(.gz), .parquet or text file, or a folder)")
+  file_only = {"pattern", "split", "data_dir"}
+  inapplicable = {"builtin": file_only, "jsonl": file_only, "parquet": file_only, "text": file_only | {"field"},
+                  "folder": {"field", "split", "data_dir"}, "tfds": {"pattern"}}[kind] & set(options)
   if inapplicable:
     raise DataError(f"data source {spec!r}: option(s) {', '.join(sorted(inapplicable))} do not apply to a "
                     f"{kind} source")
   return Source(kind, location, **options)
 
 
-def _open_text(path: str):
-  return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+@contextlib.contextmanager
+def _open_text(path: str) -> Iterator[io.TextIOBase]:
+  """UTF-8 text of a (possibly gzipped) file on any epath filesystem."""
+  with epath.Path(path).open("rb") as raw:
+    binary = gzip.GzipFile(fileobj=raw, mode="rb") if path.endswith(".gz") else raw
+    with io.TextIOWrapper(binary, encoding="utf-8") as text:
+      yield text
 
 
 def _jsonl_documents(path: str, field: str) -> Iterator[Document]:
@@ -123,13 +137,50 @@ def _text_document(path: str, doc_id: str) -> Document:
     raise DataError(f"{path}: not UTF-8 text ({type(e).__name__}: {e})") from None
 
 
+def _parquet_documents(path: str, field: str) -> Iterator[Document]:
+  """Rows of one column, streamed batch by batch (the file is never read whole)."""
+  import pyarrow
+  import pyarrow.parquet as pq
+
+  with epath.Path(path).open("rb") as f:
+    try:
+      table = pq.ParquetFile(f)
+    except pyarrow.ArrowException as e:
+      raise DataError(f"{path}: not a parquet file ({str(e).splitlines()[0]})") from None
+    names = table.schema_arrow.names
+    if field not in names:
+      raise DataError(f"{path}: no {field!r} column (columns: {', '.join(names)}); choose one with ?field=")
+    kind = table.schema_arrow.field(field).type
+    if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
+      raise DataError(f"{path}: column {field!r} is {kind}, not a string")
+    columns = [field] + (["id"] if "id" in names and field != "id" else [])
+    row = 0
+    for batch in table.iter_batches(batch_size=256, columns=columns):
+      ids = batch.column("id").to_pylist() if "id" in batch.schema.names else [None] * batch.num_rows
+      for doc_id, text in zip(ids, batch.column(field).to_pylist()):
+        if text is None:
+          raise DataError(f"{path}: row {row}: column {field!r} is null")
+        yield Document(f"{path}:{row}" if doc_id is None else str(doc_id), text)
+        row += 1
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+  """A relative-path glob as a regex: `*` and `?` stay within one directory, `**/` spans any number."""
+  parts = re.split(r"(\*\*/|\*|\?)", pattern)
+  table = {"**/": "(?:.*/)?", "*": "[^/]*", "?": "[^/]"}
+  return re.compile("".join(table.get(p, re.escape(p)) for p in parts))
+
+
 def _folder_documents(folder: str, pattern: str) -> Iterator[Document]:
-  root = pathlib.Path(folder)
-  files = sorted((p for p in root.glob(pattern) if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+  """Files by walking the tree (epath's glob has no `**`, and its fsspec glob mangles URIs)."""
+  root = epath.Path(folder)
+  match = _glob_regex(pattern).fullmatch
+  files = sorted(rel for top, _, names in root.walk() for name in names
+                 if match(rel := (top / name).relative_to(root).as_posix()))
   if not files:
     raise DataError(f"{folder}: no files match {pattern!r}")
-  for p in files:
-    yield _text_document(str(p), p.relative_to(root).as_posix())
+  for rel in files:
+    yield _text_document(os.fspath(root / rel), rel)
 
 
 def _tfds_documents(name: str, split: str, data_dir: str | None, field: str) -> Iterator[Document]:
@@ -177,6 +228,8 @@ def documents(source: str | Source) -> Iterator[Document]:
     return _jsonl_documents(path, src.field)
   if src.kind == "jsonl":
     return _jsonl_documents(src.location, src.field)
+  if src.kind == "parquet":
+    return _parquet_documents(src.location, src.field)
   if src.kind == "text":
     return iter([_text_document(src.location, src.location)])
   if src.kind == "folder":

@@ -81,6 +81,8 @@ def test_bad_sources(tmp_path):
     data.parse_source("builtin:test?colour=red")
   with pytest.raises(data.DataError, match="pattern do not apply to a jsonl source"):
     data.parse_source(f"{data.BUILTIN_DIR}/test.jsonl.gz?pattern=*.txt")
+  with pytest.raises(data.DataError, match="empty path"):
+    data.parse_source("")
   with pytest.raises(data.DataError, match="missing TFDS dataset name"):
     data.parse_source("tfds:")
   binary = tmp_path / "blob.txt"
@@ -134,3 +136,29 @@ def test_tfds_missing_dataset_is_a_clear_error(tmp_path):
   pytest.importorskip("tensorflow_datasets")
   with pytest.raises(data.DataError, match=r"tfds:pg19 split 'test': cannot read it without downloading"):
     list(data.documents(f"tfds:pg19?data_dir={tmp_path}"))
+
+
+def test_parquet(tmp_path):
+  pa = pytest.importorskip("pyarrow")
+  import pyarrow.parquet as pq
+  path = tmp_path / "d.parquet"
+  pq.write_table(pa.table({"id": ["a", "b", "c"], "text": ["one", "twö", ""], "body": ["uno", "dos", "tres"],
+                           "n": [1, 2, 3]}), path, row_group_size=2)  # two row groups
+  assert list(data.documents(str(path))) == [data.Document("a", "one"), data.Document("b", "twö"),
+                                             data.Document("c", "")]
+  assert [d.text for d in data.documents(f"{path}?field=body")] == ["uno", "dos", "tres"]
+  unnamed = tmp_path / "plain.parquet"
+  pq.write_table(pa.table({"text": ["x", "y"]}), unnamed)
+  assert [d.id for d in data.documents(str(unnamed))] == [f"{unnamed}:0", f"{unnamed}:1"]
+  toks = data.tokenized_documents(str(path), tokenizers.ByteTokenizer())
+  assert [t.tolist() for t in toks] == [list(b"one"), list("twö".encode()), []]
+  with pytest.raises(data.DataError, match=r"no 'body2' column \(columns: id, text, body, n\)"):
+    list(data.documents(f"{path}?field=body2"))
+  with pytest.raises(data.DataError, match="column 'n' is int64, not a string"):
+    list(data.documents(f"{path}?field=n"))
+  with pytest.raises(data.DataError, match="pattern do not apply to a parquet source"):
+    data.parse_source(f"{path}?pattern=*.txt")
+  bad = tmp_path / "bad.parquet"
+  bad.write_bytes(b"not parquet at all")
+  with pytest.raises(data.DataError, match="not a parquet file"):
+    list(data.documents(str(bad)))
