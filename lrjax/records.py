@@ -338,3 +338,19 @@ class Records:
     for f in self._files.values():
       f.close()
     self._files = {}
+
+
+def run(config, workdir: str) -> str:
+  """experiments/prepare_data.py: prepare config.source into workdir; returns the summary line."""
+  from lrjax import schema
+  schema.check(config, {"source": schema.STR, "tokenizer": schema.STR, "shard_documents": schema.POSITIVE_INT,
+                        "num_workers": schema.NON_NEGATIVE_INT, "max_documents": schema.NON_NEGATIVE_INT,
+                        "progress": schema.BOOL}, error=RecordsError)
+  if not workdir:
+    raise RecordsError("--workdir (the output directory) is required")
+  manifest = prepare(config.source, workdir, tokenizer=config.tokenizer, shard_documents=config.shard_documents,
+                     num_workers=config.num_workers, max_documents=config.max_documents or None,
+                     progress=config.progress)
+  return (f"{workdir}: {manifest['documents']} documents, {manifest['tokens']} tokens in "
+          f"{len(manifest['shards'])} shards (tokenizer {manifest['tokenizer']['spec']}, "
+          f"vocab {manifest['tokenizer']['vocab_size']})")
