@@ -9,6 +9,10 @@ Variants (get_config(arg)):
   proofpile   paper Proof-pile protocol: 10 documents >= 128k tokens, truncated, lengths 4k..128k (set data)
   pg19        paper PG19 protocol: the whole TFDS pg19 test split (100 books; a book shorter than a length is
               one shorter window), sliding window, stride 256 at 8k (set lengths for 64k/128k)
+  smollm2     SmolLM2-135M-Instruct (window 8192) at 4k/8k/16k on three held-out Vim reference manuals
+              (syntax.txt, eval.txt, pi_netrw.txt; never seen by the search, which used options.txt):
+              none, PI, NTK, YaRN, dynamic NTK and the factors of configs/search.py:smollm2
+  smollm2_32k the same texts at 32k for the two best settings
   books3      paper Books3 protocol: 20 random books >= 2048k tokens (seeded), windows every 256k tokens at
               8k..2048k: below 256k they are disjoint samples, each fully scored (the official loop's behaviour)
 
@@ -81,6 +85,17 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.lengths = (8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576, 2097152)
     c.settings = ("none", "yarn", "model")
     c.attention = "ring"            # with --config.mesh.sequence=N on N devices beyond one device's memory
+  elif variant in ("smollm2", "smollm2_32k"):
+    vim = "/usr/share/vim/vim90/doc"
+    c.model = "smollm2"
+    c.data = (f"{vim}/syntax.txt,{vim}/eval.txt,{vim}/pi_netrw.txt",)
+    longrope = "longrope=experiments/results/smollm2/search_16k/factors.json"
+    c.lengths = (4096, 8192, 16384)
+    c.settings = ("none", "pi", "ntk", "yarn", "dynamic", longrope)
+    if variant == "smollm2_32k":
+      c.lengths = (32768,)
+      c.settings = ("yarn", longrope)
   elif variant:
-    raise ValueError(f"unknown evaluate config variant {variant!r}; expected proofpile, pg19 or books3")
+    raise ValueError(f"unknown evaluate config variant {variant!r}; expected proofpile, pg19, books3, smollm2 or "
+                     "smollm2_32k")
   return c

@@ -13,6 +13,7 @@ A source is one string, `SOURCE[?key=value&key=value]`:
   tfds:NAME                                      a TensorFlow Datasets dataset already on disk:
                                                  ?split=test (default), ?data_dir=DIR, ?field=text
                                                  (PG19's text feature is book_text)
+  SOURCE,SOURCE,...                              the documents of each source in turn (e.g. three text files)
 
 Paths go through etils.epath, so gs:// (and any other filesystem epath reaches) works like a local path.
 Order is deterministic (file order, sorted paths, TFDS index order), so the first N documents of a source are
@@ -219,7 +220,11 @@ def _tfds_documents(name: str, split: str, data_dir: str | None, field: str) -> 
 
 
 def documents(source: str | Source) -> Iterator[Document]:
-  """The documents of a source, in a deterministic order (see the module docstring)."""
+  """The documents of a source, in a deterministic order (see the module docstring). "A,B,C" (sources joined
+  by commas, none of which exists as a path with its comma) is their documents in turn."""
+  if isinstance(source, str) and "," in source and not epath.Path(source.split("?", 1)[0]).exists():
+    parts = [parse_source(part) for part in source.split(",")]  # all checked before any is read
+    return (doc for part in parts for doc in documents(part))
   src = parse_source(source) if isinstance(source, str) else source
   if src.kind == "builtin":
     path = os.path.join(BUILTIN_DIR, f"{src.location}.jsonl.gz")

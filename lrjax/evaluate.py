@@ -161,20 +161,9 @@ def load_model(config) -> tuple[model_lib.ModelConfig, dict]:
 
 
 def load_tokenizer_for(config):
-  """config.tokenizer, with "auto" = the model's own: its directory's tokenizer file, a GGUF's metadata, bytes
-  for the built-in model."""
-  from lrjax import tokenizers, weights
-  spec = config.tokenizer
-  if spec == "auto":
-    if config.model == "builtin":
-      return tokenizers.ByteTokenizer()
-    path = weights.model_path(config.model)
-    found = path if os.path.isfile(path) else tokenizers.find_tokenizer_file(path)
-    if found is None:
-      raise EvalError(f"tokenizer 'auto': no {' or '.join(tokenizers.TOKENIZER_FILES)} in {config.model}; set "
-                      "--config.tokenizer=byte or a tokenizer path")
-    spec = found
-  return tokenizers.load_tokenizer(spec)
+  """config.tokenizer, with "auto" = the model's own (lrjax.weights.model_tokenizer)."""
+  from lrjax import weights
+  return weights.model_tokenizer(config.model, config.tokenizer)
 
 
 def _documents(config, tokenizer, lengths: list[int]) -> tuple[dict, dict]:

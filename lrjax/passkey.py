@@ -8,6 +8,7 @@ in code, for models trained on source code (the built-in model); the scoring is 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 
 import numpy as np
@@ -109,3 +110,65 @@ def accuracy(config: model_lib.ModelConfig, params: dict, tokenizer, *, lengths:
     rows.append({"length": length, "accuracy": correct / samples, "correct": correct, "samples": samples,
                  "keys": keys, "answers": answers})
   return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The passkey experiment (experiments/passkey.py, configs/passkey.py): settings x lengths -> accuracy table.
+
+def _schema():
+  from lrjax import schema
+  return {"model": schema.STR, "tokenizer": schema.STR, "dtype": schema.STR, "attention": schema.STR,
+          "block_q": schema.POSITIVE_INT, "block_k": schema.POSITIVE_INT, "original_length": schema.NON_NEGATIVE_INT,
+          "lengths": schema.SEQUENCE, "settings": schema.SEQUENCE, "samples": schema.POSITIVE_INT, "seed": schema.INT,
+          "format": schema.Key(str, choices=tuple(FORMATS)), "max_new_tokens": schema.POSITIVE_INT,
+          "policy": schema.Key(str, choices=decode.POLICIES), "progress": schema.BOOL}
+
+
+class PasskeyError(ValueError):
+  """A passkey config that cannot run; the message names the problem."""
+
+
+def run(config, workdir: str, *, model=None, print_fn=print) -> dict:
+  """Passkey accuracy for every (setting, length): table.txt, results.json and passkey.png in `workdir`.
+
+  Settings use lrjax.evaluate's grammar (none, yarn, a factor file, ...; derived methods take s = length / L).
+  Results are rewritten after every setting, so an interrupted run keeps what it finished.
+  """
+  from lrjax import evaluate, report, schema
+  schema.check(config, _schema(), error=PasskeyError)
+  if not workdir:
+    raise PasskeyError("--workdir is required")
+  model_config, params = model if model is not None else evaluate.load_model(config)
+  if config.original_length:
+    model_config = model_config.replace(original_max_position_embeddings=int(config.original_length))
+  tokenizer = evaluate.load_tokenizer_for(config)
+  settings = [evaluate.parse_setting(s, model_config) for s in config.settings]
+  lengths = [int(n) for n in config.lengths]
+  os.makedirs(workdir, exist_ok=True)
+  rows, details = {}, {}
+  with report.progress_bar(config.progress, total=len(settings) * len(lengths) * config.samples,
+                           desc="passkey", unit="prompt") as bar:
+    for setting in settings:
+      bar.set_postfix_str(setting.label)
+      out = accuracy(model_config, params, tokenizer, lengths=lengths, scaling_for_length=setting.scaling_at,
+                     samples=config.samples, seed=config.seed, fmt=config.format,
+                     max_new_tokens=config.max_new_tokens, policy=config.policy,
+                     progress=lambda done, total: bar.update(1))
+      rows[setting.label] = {r["length"]: r["accuracy"] for r in out}
+      details[setting.label] = out
+      _write(workdir, rows, details, lengths, model_config)
+  text = report.format_table(list(rows), lengths, lambda r, n: rows[r][n], row_header="setting \\ length")
+  print_fn(f"passkey accuracy ({config.samples} prompts per length, original window L = "
+           f"{model_config.original_length}):\n{text}")
+  return {"table": rows, "details": details}
+
+
+def _write(workdir, rows, details, lengths, model_config) -> None:
+  from lrjax import report
+  text = report.format_table(list(rows), lengths, lambda r, n: rows[r][n], row_header="setting \\ length")
+  report.write_text(os.path.join(workdir, "table.txt"), f"original window L = {model_config.original_length}\n"
+                    + text + "\n")
+  report.write_json(os.path.join(workdir, "results.json"), {"table": rows, "details": details})
+  report.line_plot(os.path.join(workdir, "passkey.png"),
+                   {label: (lengths, [row[n] for n in lengths]) for label, row in rows.items()},
+                   xlabel="prompt length (tokens)", ylabel="passkey accuracy", title="passkey retrieval", logx=True)

@@ -162,3 +162,14 @@ def test_parquet(tmp_path):
   bad.write_bytes(b"not parquet at all")
   with pytest.raises(data.DataError, match="not a parquet file"):
     list(data.documents(str(bad)))
+
+
+def test_comma_joined_sources_are_their_documents_in_turn(tmp_path):
+  a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+  a.write_text("first")
+  b.write_text("second")
+  docs = list(data.documents(f"{a},{b},builtin:valid"))
+  assert [d.text for d in docs[:2]] == ["first", "second"]
+  assert [d.id for d in docs[2:]] == [d.id for d in data.documents("builtin:valid")]
+  with pytest.raises(data.DataError, match="no such file"):
+    list(data.documents(f"{a},{tmp_path / 'missing.txt'}"))

@@ -181,13 +181,13 @@ def main(config, workdir: str) -> dict | SearchResult:
   validate_config(config)
   if not workdir:
     raise SearchError("--workdir is required")
-  from lrjax import tokenizers, weights
+  from lrjax import weights
   try:
     model_config, params = weights.load_model(config.model, dtype=config.dtype, attention=config.attention,
                                               block_q=config.block_q, block_k=config.block_k)
   except ValueError as e:
     raise SearchError(str(e)) from None
-  tokenizer = tokenizers.load_tokenizer(config.data.tokenizer)
+  tokenizer = weights.model_tokenizer(config.model, config.data.tokenizer)
   lengths = ([int(n) for n in config.short_lengths] if config.stage == "short"
              else [int(config.search.target_length)])
   documents, info = fitness_documents(config, tokenizer, max(lengths))

@@ -90,3 +90,19 @@ def load_model(spec: str, **execution) -> tuple[model_lib.ModelConfig, dict]:
   return cfg.replace(**execution), params
 
 
+
+
+def model_tokenizer(model: str, tokenizer: str = "auto"):
+  """The tokenizer of a config's (model, tokenizer) pair: "auto" is the model's own (its directory's
+  tokenizer.json / tokenizer.model, a GGUF's metadata, bytes for the built-in model); else a tokenizer spec."""
+  from lrjax import tokenizers
+  if tokenizer != "auto":
+    return tokenizers.load_tokenizer(tokenizer)
+  if model == "builtin":
+    return tokenizers.ByteTokenizer()
+  path = model_path(model)
+  found = path if os.path.isfile(path) else tokenizers.find_tokenizer_file(path)
+  if found is None:
+    raise WeightsError(f"tokenizer 'auto': no {' or '.join(tokenizers.TOKENIZER_FILES)} in {model}; set the "
+                       "tokenizer to 'byte' or a tokenizer path")
+  return tokenizers.load_tokenizer(found)
