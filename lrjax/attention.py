@@ -1,343 +1,210 @@
-"""Attention: a materialised reference, memory-linear blockwise attention, and jax.nn.dot_product_attention.
+"""Attention dispatch: one entry point, every implementation, resolved per backend at trace time.
 
 Shapes (Gemma-style letters): b batch, t query length, s key length, n query heads, k key/value heads,
-g = n // k query heads per key/value head, h head dim. q is [b, t, n, h]; k, v are [b, s, k, h]. Grouped-query
-attention reshapes q to [b, t, k, g, h] so keys are never repeated in memory.
+g = n // k query heads per key/value head, h head dim. q is [b, t, n, h]; k, v are [b, s, k, h]; positions
+i32[b|1, t] / [b|1, s] (global positions: causality and windows compare them, never indices); segment ids
+i32[b|1, t] / [b|1, s] or None. Masks: lrjax.kernels.mask.
 
-Causality is decided by global positions (q_pos >= k_pos), never by array index, so sequence sharding and
-load-balanced (zig-zag) orders mask correctly.
+Implementations (`implementation=`):
+  reference    materialised softmax (the oracle; O(t s) memory)
+  blockwise    pure-JAX flash attention, any backend (lrjax.kernels.blockwise)
+  xla, cudnn   jax.nn.dot_product_attention (lrjax.kernels.dot_product)
+  splash       TPU splash attention (lrjax.kernels.splash)
+  pallas_gpu   Pallas-Triton flash attention by position (lrjax.kernels.pallas_gpu)
+  ring:<step>  ring attention over the mesh's sequence axis, each ring step run by <step> in (blockwise,
+               splash, pallas_gpu, auto); "ring" = "ring:auto"
+  auto         per backend (resolve): TPU splash, GPU cudnn, CPU blockwise; ring:auto: TPU splash, GPU
+               pallas_gpu, CPU blockwise
+On the CPU the Pallas kernels run in interpret mode (tests). Index-masking kernels (xla, cudnn) are used only
+where masking by index equals masking by position (lrjax.kernels.mask.index_aligned, checked at run time;
+otherwise the blockwise kernel runs); splash checks the same per sub-block. A call a kernel cannot express
+statically (shapes, dtypes, a KV cache, segment ids for cuDNN) runs the blockwise kernel instead, with one
+warning per distinct reason on the logger "lrjax.attention". Never silently wrong.
 
-The blockwise kernel is a FlashAttention-2 style online softmax in pure JAX with a custom VJP: the forward
-keeps only (out, logsumexp), the backward recomputes each block. Both halves are exposed (`flash_forward`,
-`flash_backward`) so ring attention can run them once per ring step.
+Under a mesh (jax.set_mesh) the Pallas kernels run per device in a shard_map over the batch and tensor axes
+(the sequence is gathered: all-gather context parallelism); the ring shard_maps over the sequence axis.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import math
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
-IMPLEMENTATIONS = ("reference", "blockwise", "xla", "cudnn")
-_BIG_POS = jnp.iinfo(jnp.int32).max
+from lrjax import axes
+from lrjax import ring as ring_lib
+from lrjax.kernels import dot_product
+from lrjax.kernels import mask as mask_lib
+from lrjax.kernels import pallas_gpu
+from lrjax.kernels import splash
+from lrjax.kernels import step as step_lib
+from lrjax.kernels.blockwise import Blockwise, blockwise_attention, flash_backward, flash_forward
+from lrjax.kernels.reference import reference_attention
+
+__all__ = ["IMPLEMENTATIONS", "AttentionError", "attention", "blockwise_attention", "flash_backward",
+           "flash_forward", "reference_attention", "resolve"]
+
+RING_STEPS = ("auto", "blockwise", "splash", "pallas_gpu")
+IMPLEMENTATIONS = (("auto", "reference", "blockwise", "xla", "cudnn", "splash", "pallas_gpu", "ring")
+                   + tuple(f"ring:{step}" for step in RING_STEPS))
+_AUTO = {"tpu": "splash", "gpu": "cudnn"}
+_AUTO_RING_STEP = {"tpu": "splash", "gpu": "pallas_gpu"}
+
+logger = logging.getLogger("lrjax.attention")
 
 
-def _split_heads(q: jax.Array, num_kv_heads: int) -> jax.Array:
-  b, t, n, h = q.shape
-  if n % num_kv_heads:
-    raise ValueError(f"query heads {n} not divisible by key/value heads {num_kv_heads}")
-  return q.reshape(b, t, num_kv_heads, n // num_kv_heads, h)
+class AttentionError(ValueError):
+  """An unknown implementation or inconsistent attention arguments; the message names the problem."""
 
 
-def _mask(q_pos, k_pos, causal: bool, k_valid=None):
-  """bool[b, 1, 1, t, s]: which keys each query may see."""
-  b, t = q_pos.shape
-  s = k_pos.shape[1]
-  mask = jnp.ones((b, t, s), bool)
-  if causal:
-    mask = q_pos[:, :, None] >= k_pos[:, None, :]
-  if k_valid is not None:
-    mask = mask & k_valid[:, None, :]
-  return mask[:, None, None]
+def resolve(implementation: str, backend: str | None = None) -> str:
+  """The concrete implementation `implementation` means on `backend` ("cpu", "gpu", "tpu"; None: default).
 
-
-def reference_attention(q, k, v, q_pos, k_pos, *, causal: bool = True, scale: float | None = None,
-                        k_valid=None):
-  """Materialised softmax attention (softmax in f32), the oracle for everything else.
-
-  Args: q [b,t,n,h]; k, v [b,s,k,h]; q_pos i32[b,t]; k_pos i32[b,s]; k_valid optional bool[b,s].
-  Returns: [b,t,n,h] in q.dtype.
+  "auto" and "ring"/"ring:auto" resolve per backend (module doc); explicit names resolve to themselves.
+  Raises:
+    AttentionError for an unknown name.
   """
-  b, t, n, h = q.shape
-  scale = h ** -0.5 if scale is None else scale
-  qg = _split_heads(q, k.shape[2])
-  logits = jnp.einsum("btkgh,bskh->bkgts", qg, k) * jnp.asarray(scale, q.dtype)
-  logits = jnp.where(_mask(q_pos, k_pos, causal, k_valid), logits.astype(jnp.float32), -jnp.inf)
-  probs = jax.nn.softmax(logits, axis=-1)
-  probs = jnp.where(jnp.isnan(probs), 0, probs).astype(v.dtype)  # rows with no visible key
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-  return out.reshape(b, t, n, h)
+  if implementation not in IMPLEMENTATIONS:
+    raise AttentionError(f"unknown attention implementation {implementation!r}; expected one of "
+                         f"{', '.join(IMPLEMENTATIONS)}")
+  backend = jax.default_backend() if backend is None else backend
+  if implementation == "auto":
+    return _AUTO.get(backend, "blockwise")
+  if implementation in ("ring", "ring:auto"):
+    return "ring:" + _AUTO_RING_STEP.get(backend, "blockwise")
+  return implementation
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Blockwise (flash) attention.
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+  logger.warning(message)
 
 
-def _pad_to(x, multiple, axis, value=0):
-  size = x.shape[axis]
-  pad = (-size) % multiple
-  if not pad:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths, constant_values=value)
+def _fall_back(name: str, reason: str) -> None:
+  _warn_once(f"{name} attention cannot run this call ({reason}); using the blockwise kernel")
 
 
-def _to_blocks(x, block):
-  """[b, t, ...] -> [t/block, b, block, ...]."""
-  b, t = x.shape[:2]
-  return jnp.moveaxis(x.reshape(b, t // block, block, *x.shape[2:]), 1, 0)
+def _mesh_split(mesh, q, k):
+  """(batch axes, head axis) a per-device kernel can shard over: axes present, not manual, dividing the shapes."""
+  if mesh.empty or mesh.manual_axes:
+    return None
+  names = mesh.axis_names
+  batch = tuple(a for a in axes.BATCH_AXES if a in names)
+  if not batch or q.shape[0] % math.prod(mesh.shape[a] for a in batch):
+    batch = ()
+  head = axes.TENSOR_AXIS if axes.TENSOR_AXIS in names else None
+  if head and (q.shape[2] % mesh.shape[head] or k.shape[2] % mesh.shape[head]):
+    head = None
+  return batch, head
 
 
-def _from_blocks(x):
-  """[nb, b, block, ...] -> [b, nb*block, ...]."""
-  x = jnp.moveaxis(x, 0, 1)
-  return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+def _local_shapes(split, mesh, q, k):
+  """Per-device shapes of q, k under _mesh_split (the kernels check what they will see)."""
+  if split is None:
+    return q, k
+  batch, head = split
+  nb, nh = math.prod(mesh.shape[a] for a in batch), mesh.shape[head] if head else 1
+  local = lambda x: jax.ShapeDtypeStruct((x.shape[0] // nb, x.shape[1], x.shape[2] // nh, x.shape[3]), x.dtype)
+  return local(q), local(k)
 
 
-def _block_sizes(t, s, block_q, block_k):
-  return min(block_q, t), min(block_k, s)
+def _per_device(fn, split, mesh, q, k, v, q_pos, k_pos, q_seg, k_seg):
+  """fn on each device's batch rows and heads (a shard_map), or directly without a mesh / inside shard_map."""
+  if split is None:
+    return fn(q, k, v, q_pos, k_pos, q_seg, k_seg)
+  batch, head = split
+  x = P(batch or None, None, head, None)
+  rows = lambda a: None if a is None else P((batch or None) if a.shape[0] > 1 else None, None)
+  specs = (x, x, x, rows(q_pos), rows(k_pos), rows(q_seg), rows(k_seg))
+  # check_vma=False: the kernels start their loops from unannotated zeros (see lrjax.ring).
+  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=x, check_vma=False)(
+      q, k, v, q_pos, k_pos, q_seg, k_seg)
 
 
-def _prepare(q, k, v, q_pos, k_pos, block_q, block_k):
-  b, t, n, h = q.shape
-  s = k.shape[1]
-  bq, bk = _block_sizes(t, s, block_q, block_k)
-  qg = _split_heads(q, k.shape[2])
-  k_valid = jnp.broadcast_to(jnp.arange(_pad_to(k_pos, bk, 1).shape[1]) < s, (b, s + (-s) % bk))
-  blocks = dict(
-      q=_to_blocks(_pad_to(qg, bq, 1), bq),
-      q_pos=_to_blocks(_pad_to(q_pos, bq, 1), bq),
-      k=_to_blocks(_pad_to(k, bk, 1), bk),
-      v=_to_blocks(_pad_to(v, bk, 1), bk),
-      k_pos=_to_blocks(_pad_to(k_pos, bk, 1, _BIG_POS), bk),
-      k_valid=_to_blocks(k_valid, bk),
-  )
-  return blocks, bq, bk
+def _step(name: str, *, causal, sliding_window, block_q, block_k, scale, parts=1):
+  if name == "splash":
+    return splash.Splash(causal, sliding_window, block_q, block_k, scale, parts=parts)
+  if name == "pallas_gpu":
+    return pallas_gpu.PallasGpu(causal, sliding_window, block_q, block_k, scale)
+  return Blockwise(causal, sliding_window, block_q, block_k, scale)
 
 
-def _visible(q_pos_blk, k_pos_blk, k_valid_blk, causal):
-  """Whether any (query, key) pair in this block pair is unmasked (a scalar, for lax.cond)."""
-  any_key = jnp.any(k_valid_blk)
-  if not causal:
-    return any_key
-  min_k = jnp.min(jnp.where(k_valid_blk, k_pos_blk, _BIG_POS))
-  return any_key & (jnp.max(q_pos_blk) >= min_k)
+def _ring_kernel(name: str, q, k, mesh, axis_name, **rules):
+  """The ring step kernel for "ring:<step>", checked against the local shapes (zig-zag wants 2 sub-blocks)."""
+  step_name = name.split(":", 1)[1]
+  if step_name == "blockwise" or axis_name not in mesh.axis_names:
+    return _step("blockwise", **rules)
+  ring = mesh.shape[axis_name]
+  tp = mesh.shape[axes.TENSOR_AXIS] if axes.TENSOR_AXIS in mesh.axis_names else 1
+  local = lambda x: jax.ShapeDtypeStruct((1, x.shape[1] // ring, max(x.shape[2] // tp, 1), x.shape[3]), x.dtype)
+  ql, kl = local(q), local(k)
+  for parts in ((2, 1) if step_name == "splash" else (1,)):
+    kernel = _step(step_name, parts=parts, **rules)
+    reason = kernel.unsupported(ql, kl)
+    if reason is None:
+      return kernel
+  _fall_back(f"ring step {step_name}", reason)
+  return _step("blockwise", **rules)
 
 
-def _block_logits(qi, kj, q_pos_i, k_pos_j, k_valid_j, causal, scale):
-  s = jnp.einsum("bqkgh,bskh->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
-  mask = k_valid_j[:, None, None, None, :]
-  if causal:
-    mask = mask & (q_pos_i[:, None, None, :, None] >= k_pos_j[:, None, None, None, :])
-  return jnp.where(mask, s, -jnp.inf)
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
+              implementation: str = "blockwise", causal: bool = True, block_q: int = 512, block_k: int = 512,
+              q_segment: jax.Array | None = None, k_segment: jax.Array | None = None,
+              sliding_window: int | None = None, scale: float | None = None,
+              axis_name: str = axes.SEQUENCE_AXIS) -> jax.Array:
+  """Attention by a static implementation name (from config); see the module doc.
 
-
-def _head_major_blocks(q, k, v, q_pos, k_pos, bq, bk):
-  """Blocks laid out for plain batched matmuls (batch dims leading, contraction innermost).
-
-  The g query heads that share a key/value head become extra rows of one matrix, so each block step is
-  two [b*k]-batched GEMMs ([g*bq, h] x [h, bk] and [g*bq, bk] x [bk, h]) with no per-step transposes;
-  the one-off transposes here are O(t) while the steps are O(t^2).
-  Returns q [nq, b, k, g*bq, h], k^T [nk, b, k, h, bk], v [nk, b, k, bk, h], q_pos [nq, b', bq],
-  k_pos [nk, b', bk] (padding at _BIG_POS) and k_valid bool[nk, b', bk], with b' the positions' batch (b or 1).
+  Args:
+    q [b,t,n,h]; k, v [b,s,k,h]; q_pos i32[b|1,t]; k_pos i32[b|1,s] (ring: [b, t], [b, s]).
+    implementation: one of IMPLEMENTATIONS, resolved by `resolve` for the default backend.
+    causal, sliding_window, q_segment, k_segment: the mask (lrjax.kernels.mask).
+    block_q, block_k: tiles (tokens) of the blockwise and splash kernels (pallas_gpu caps them, see there).
+    scale: logit scale (default h ** -0.5).
+    axis_name: the mesh axis ring attention rotates over.
+  Returns:
+    [b, t, n, h] in q.dtype, differentiable in q, k, v.
+  Raises:
+    AttentionError for an unknown implementation; lrjax.kernels.mask.MaskError for bad mask arguments;
+    lrjax.ring.RingError when the ring cannot shard these shapes over the mesh.
   """
-  b, t, n, h = q.shape
-  s, kv_heads = k.shape[1], k.shape[2]
-  g = n // kv_heads
-  nq, nk = -(-t // bq), -(-s // bk)
-  qh = _pad_to(q, bq, 1).reshape(b, nq, bq, kv_heads, g, h).transpose(1, 0, 3, 4, 2, 5)
-  kt = _pad_to(k, bk, 1).reshape(b, nk, bk, kv_heads, h).transpose(1, 0, 3, 4, 2)
-  vh = _pad_to(v, bk, 1).reshape(b, nk, bk, kv_heads, h).transpose(1, 0, 3, 2, 4)
-  # Positions may have batch 1 (shared by every row); they broadcast in the masks.
-  qp = _pad_to(q_pos, bq, 1).reshape(q_pos.shape[0], nq, bq).transpose(1, 0, 2)
-  kp = _pad_to(k_pos, bk, 1, _BIG_POS).reshape(k_pos.shape[0], nk, bk).transpose(1, 0, 2)
-  k_valid = jnp.broadcast_to((jnp.arange(nk * bk) < s).reshape(nk, 1, bk), (nk, k_pos.shape[0], bk))
-  return qh.reshape(nq, b, kv_heads, g * bq, h), kt, vh, qp, kp, k_valid
-
-
-def _block_class(q_pos_blk, k_pos_blk, k_valid_blk, causal):
-  """0: no (query, key) pair of the block pair is visible (skip); 1: some are (mask); 2: all are (no mask)."""
-  if causal:
-    visible = jnp.max(q_pos_blk) >= jnp.min(jnp.where(k_valid_blk, k_pos_blk, _BIG_POS))
-    full = jnp.min(q_pos_blk) >= jnp.max(jnp.where(k_valid_blk, k_pos_blk, _BIG_POS))
-  else:
-    visible, full = jnp.bool_(True), jnp.bool_(True)
-  visible = visible & jnp.any(k_valid_blk)
-  full = full & jnp.all(k_valid_blk)
-  return jnp.where(visible, jnp.where(full, 2, 1), 0)
-
-
-def flash_forward(q, k, v, q_pos, k_pos, *, causal: bool = True, block_q: int = 512, block_k: int = 512,
-                  scale: float | None = None, head_loop: bool | None = None):
-  """Blockwise attention forward.
-
-  Args: q [b,t,n,h]; k, v [b,s,k,h]; q_pos i32[b,t]; k_pos i32[b,s] (a batch of 1 is shared by all rows).
-    head_loop: process one (batch row, key/value head) at a time, so each block step works on a
-      [g*bq, bk] tile that stays in a CPU core's cache, instead of batching every head into each step (which
-      accelerators want: one step = one large batched matmul). None: on for the CPU backend.
-  Returns: out [b,t,n,h] (q.dtype) and lse f32[b,t,n], the log-sum-exp of each query's scaled logits
-    (-inf for a query that sees no key; its output is 0).
-  """
-  b, t, n, h = q.shape
-  s, kv_heads = k.shape[1], k.shape[2]
-  _split_heads(q, kv_heads)
-  if head_loop is None:
-    head_loop = jax.default_backend() == "cpu"
-  kw = dict(causal=causal, block_q=block_q, block_k=block_k, scale=scale)
-  if not head_loop or b * kv_heads == 1:
-    return _flash_forward_batched(q, k, v, q_pos, k_pos, **kw)
-  g = n // kv_heads
-  # [b*k] independent problems of g query heads against one key/value head each; O(t) transposes.
-  qs = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 1, 3, 4).reshape(b * kv_heads, 1, t, g, h)
-  ks = k.transpose(0, 2, 1, 3).reshape(b * kv_heads, 1, s, 1, h)
-  vs = v.transpose(0, 2, 1, 3).reshape(b * kv_heads, 1, s, 1, h)
-  row = jnp.arange(b * kv_heads) // kv_heads
-  qp = jnp.asarray(q_pos)[row if q_pos.shape[0] > 1 else jnp.zeros_like(row)]
-  kp = jnp.asarray(k_pos)[row if k_pos.shape[0] > 1 else jnp.zeros_like(row)]
-
-  def one_head(args):
-    qi, ki, vi, qpi, kpi = args
-    return _flash_forward_batched(qi, ki, vi, qpi[None], kpi[None], **kw)
-
-  out, lse = lax.map(one_head, (qs, ks, vs, qp, kp))  # [b*k, 1, t, g, h], [b*k, 1, t, g]
-  out = out.reshape(b, kv_heads, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
-  lse = lse.reshape(b, kv_heads, t, g).transpose(0, 2, 1, 3).reshape(b, t, n)
-  return out, lse
-
-
-def _flash_forward_batched(q, k, v, q_pos, k_pos, *, causal, block_q, block_k, scale):
-  """flash_forward with every (batch, head) in each block step: blocks [b, k, g*bq, bk]."""
-  b, t, n, h = q.shape
-  s, kv_heads = k.shape[1], k.shape[2]
-  _split_heads(q, kv_heads)  # validates the head ratio
-  g = n // kv_heads
-  scale = h ** -0.5 if scale is None else scale
-  bq, bk = _block_sizes(t, s, block_q, block_k)
-  qh, kt, vh, qp, kp, k_valid = _head_major_blocks(q, k, v, q_pos, k_pos, bq, bk)
-  nq = qh.shape[0]
-  # Scaling q once (O(t h)) instead of every logits block (O(t s)); the product is still formed in f32.
-  qh = qh * jnp.asarray(scale, q.dtype)
-
-  def q_block(args):
-    qi, q_pos_i = args  # [b, k, g*bq, h], [b, bq]
-    q_pos_rows = jnp.tile(q_pos_i, (1, g))  # [b, g*bq], the position of each row of qi
-
-    def kv_step(carry, kv):
-      kj, vj, k_pos_j, k_valid_j = kv
-
-      def compute(carry, masked):
-        o, m, l = carry
-        logits = jnp.einsum("bkqh,bkhs->bkqs", qi, kj, preferred_element_type=jnp.float32)
-        if masked:
-          mask = k_valid_j[:, None, None, :]
-          if causal:
-            mask = mask & (q_pos_rows[:, None, :, None] >= k_pos_j[:, None, None, :])
-          logits = jnp.where(mask, logits, -jnp.inf)
-        m_new = jnp.maximum(m, logits.max(-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(logits - m_safe[..., None])
-        alpha = jnp.exp(m - m_safe)
-        l = alpha * l + p.sum(-1)
-        pv = jnp.einsum("bkqs,bksh->bkqh", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
-        return o * alpha[..., None] + pv, m_new, l
-
-      # Fully visible blocks (most of a causal square) skip building and applying the mask.
-      branches = [lambda c: c, lambda c: compute(c, True), lambda c: compute(c, False)]
-      return lax.switch(_block_class(q_pos_i, k_pos_j, k_valid_j, causal), branches, carry), None
-
-    init = (jnp.zeros(qi.shape, jnp.float32), jnp.full(qi.shape[:-1], -jnp.inf, jnp.float32),
-            jnp.zeros(qi.shape[:-1], jnp.float32))
-    (o, m, l), _ = lax.scan(kv_step, init, (kt, vh, kp, k_valid))
-    l_safe = jnp.where(l > 0, l, 1.0)
-    lse = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf)
-    return (o / l_safe[..., None]).astype(q.dtype), lse
-
-  out, lse = lax.map(q_block, (qh, qp))  # [nq, b, k, g*bq, h], [nq, b, k, g*bq]
-  out = out.reshape(nq, b, kv_heads, g, bq, h).transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, n, h)
-  lse = lse.reshape(nq, b, kv_heads, g, bq).transpose(1, 0, 4, 2, 3).reshape(b, nq * bq, n)
-  return out[:, :t], lse[:, :t]
-
-
-def flash_backward(q, k, v, q_pos, k_pos, out, lse, dout, *, causal: bool = True, block_q: int = 512,
-                   block_k: int = 512, scale: float | None = None):
-  """Blockwise attention backward from the (global) out and lse.
-
-  Args: as flash_forward, plus out [b,t,n,h], lse f32[b,t,n] and the output cotangent dout [b,t,n,h].
-    out and lse may come from a larger softmax than these keys (ring attention): the gradients returned are
-    this key block's share.
-  Returns: (dq f32[b,t,n,h], dk f32[b,s,k,h], dv f32[b,s,k,h]).
-  """
-  b, t, n, h = q.shape
-  s = k.shape[1]
-  scale = h ** -0.5 if scale is None else scale
-  blk, bq, bk = _prepare(q, k, v, q_pos, k_pos, block_q, block_k)
-  kv_heads, groups = blk["q"].shape[3], blk["q"].shape[4]
-  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [b,t,n]
-  lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)  # rows that saw no key get p = 0
-  to_q_blocks = lambda x: _to_blocks(_pad_to(x.reshape(b, t, kv_heads, groups, *x.shape[3:]), bq, 1), bq)
-  do_b, lse_b, delta_b = to_q_blocks(dout), to_q_blocks(lse), to_q_blocks(delta)
-
-  def kv_block(dq_acc, kv):
-    kj, vj, k_pos_j, k_valid_j = kv
-
-    def q_step(carry, qs):
-      qi, q_pos_i, do_i, lse_i, delta_i = qs
-
-      def compute(carry):
-        dk, dv = carry
-        logits = _block_logits(qi, kj, q_pos_i, k_pos_j, k_valid_j, causal, scale)
-        p = jnp.exp(logits - jnp.moveaxis(lse_i, 1, -1)[..., None])  # [b,k,g,q,s]
-        dv = dv + jnp.einsum("bkgqs,bqkgh->bskh", p.astype(do_i.dtype), do_i,
-                             preferred_element_type=jnp.float32)
-        dp = jnp.einsum("bqkgh,bskh->bkgqs", do_i, vj, preferred_element_type=jnp.float32)
-        ds = p * (dp - jnp.moveaxis(delta_i, 1, -1)[..., None]) * scale
-        dq_i = jnp.einsum("bkgqs,bskh->bqkgh", ds.astype(kj.dtype), kj, preferred_element_type=jnp.float32)
-        dk = dk + jnp.einsum("bkgqs,bqkgh->bskh", ds.astype(qi.dtype), qi, preferred_element_type=jnp.float32)
-        return (dk, dv), dq_i
-
-      def skip(carry):
-        return carry, jnp.zeros(qi.shape, jnp.float32)
-
-      return lax.cond(_visible(q_pos_i, k_pos_j, k_valid_j, causal), compute, skip, carry)
-
-    init = (jnp.zeros((b, bk, kv_heads, h), jnp.float32), jnp.zeros((b, bk, kv_heads, h), jnp.float32))
-    (dk, dv), dq_parts = lax.scan(q_step, init, (blk["q"], blk["q_pos"], do_b, lse_b, delta_b))
-    return dq_acc + dq_parts, (dk, dv)
-
-  dq0 = jnp.zeros(blk["q"].shape, jnp.float32)
-  dq, (dk, dv) = lax.scan(kv_block, dq0, (blk["k"], blk["v"], blk["k_pos"], blk["k_valid"]))
-  dq = _from_blocks(dq)[:, :t].reshape(b, t, n, h)
-  return dq, _from_blocks(dk)[:, :s], _from_blocks(dv)[:, :s]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def blockwise_attention(q, k, v, q_pos, k_pos, causal=True, block_q=512, block_k=512, scale=None):
-  """Memory-linear attention: O(t) activations in the forward and the backward. Shapes as reference."""
-  return flash_forward(q, k, v, q_pos, k_pos, causal=causal, block_q=block_q, block_k=block_k,
-                       scale=scale)[0]
-
-
-def _blockwise_fwd(q, k, v, q_pos, k_pos, causal, block_q, block_k, scale):
-  out, lse = flash_forward(q, k, v, q_pos, k_pos, causal=causal, block_q=block_q, block_k=block_k,
-                           scale=scale)
-  return out, (q, k, v, q_pos, k_pos, out, lse)
-
-
-def _blockwise_bwd(causal, block_q, block_k, scale, res, dout):
-  q, k, v, q_pos, k_pos, out, lse = res
-  dq, dk, dv = flash_backward(q, k, v, q_pos, k_pos, out, lse, dout, causal=causal, block_q=block_q,
-                              block_k=block_k, scale=scale)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
-
-
-blockwise_attention.defvjp(_blockwise_fwd, _blockwise_bwd)
-
-
-def attention(q, k, v, q_pos, k_pos, *, implementation: str = "blockwise", causal: bool = True,
-              block_q: int = 512, block_k: int = 512):
-  """Dispatch on a static implementation name (from config). Shapes as reference_attention.
-
-  "xla" and "cudnn" use jax.nn.dot_product_attention; they mask causally by index, which equals masking by
-  position whenever q and k carry the same contiguous positions (a full forward without a cache).
-  """
-  if implementation == "reference":
-    return reference_attention(q, k, v, q_pos, k_pos, causal=causal)
-  if implementation == "blockwise":
-    return blockwise_attention(q, k, v, q_pos, k_pos, causal, block_q, block_k, None)
-  if implementation in ("xla", "cudnn"):
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
-  raise ValueError(f"unknown attention implementation {implementation!r}; expected one of "
-                   f"{', '.join(IMPLEMENTATIONS)} (or 'ring' through lrjax.ring)")
+  name = resolve(implementation)
+  mask_lib.check(q_pos, k_pos, q_segment, k_segment, causal=causal, sliding_window=sliding_window)
+  rules = dict(causal=causal, sliding_window=sliding_window, block_q=block_q, block_k=block_k, scale=scale)
+  segments = dict(q_segment=q_segment, k_segment=k_segment)
+  if name == "reference":
+    return reference_attention(q, k, v, q_pos, k_pos, causal=causal, scale=scale, sliding_window=sliding_window,
+                               **segments)
+  if name.startswith("ring:"):
+    mesh = ring_lib.context_mesh(None)
+    kernel = _ring_kernel(name, q, k, mesh, axis_name, **rules)
+    return ring_lib.ring_attention_sharded(q, k, v, q_pos, k_pos, axis_name=axis_name, mesh=mesh, kernel=kernel,
+                                           **rules, **segments)
+  blockwise = lambda: blockwise_attention(q, k, v, q_pos, k_pos, causal, block_q, block_k, scale,
+                                          sliding_window=sliding_window, **segments)
+  if name == "blockwise":
+    return blockwise()
+  if name in ("xla", "cudnn"):
+    reason = dot_product.unsupported(name, q, k, causal=causal, segments=q_segment is not None)
+    if reason:
+      _fall_back(name, reason)
+      return blockwise()
+    fast = lambda q, k, v: dot_product.attention(q, k, v, implementation=name, causal=causal, scale=scale,
+                                                 sliding_window=sliding_window, **segments)
+    if not causal:  # no position rule: index and position masks agree
+      return fast(q, k, v)
+    slow = lambda q, k, v: blockwise_attention(q, k, v, q_pos, k_pos, causal, block_q, block_k, scale,
+                                               sliding_window=sliding_window, **segments)
+    return lax.cond(mask_lib.index_aligned(q_pos, k_pos, q_segment, k_segment), fast, slow, q, k, v)
+  mesh = jax.sharding.get_abstract_mesh()
+  split = _mesh_split(mesh, q, k)
+  kernel = _step(name, **rules)
+  reason = kernel.unsupported(*_local_shapes(split, mesh, q, k))
+  if reason:
+    _fall_back(name, reason)
+    return blockwise()
+  return _per_device(functools.partial(step_lib.fused, kernel), split, mesh, q, k, v, q_pos, k_pos, q_segment,
+                     k_segment)

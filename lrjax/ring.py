@@ -1,20 +1,23 @@
 """Ring attention: exact attention over a sequence sharded across a mesh axis, memory linear in the local length.
 
 Shapes as lrjax.attention: q [b, t, n, h]; k, v [b, s, k, h]; positions i32[b, t] (global positions; causality
-compares them, never indices). Inside shard_map every device holds one contiguous slice of the (possibly
-load-balanced) sequence. Keys/values and their positions travel around the ring with lax.ppermute (device i
-sends to i+1), so at step j device i holds the block that started on device i - j.
+compares them, never indices); segment ids i32[b, t] or None. Inside shard_map every device holds one
+contiguous slice of the (possibly load-balanced) sequence. Keys, values, their positions and segment ids travel
+around the ring with lax.ppermute (device i sends to i+1), so at step j device i holds the block that started
+on device i - j.
 
-Forward: each step runs attention.flash_forward of the local queries against the visiting block and merges
-the (out, lse) pairs online. The transfer of the next block is issued before the current block's compute, so
-an asynchronous collective-permute can hide it. Blocks that are wholly masked are skipped by the kernel.
+Each step runs a kernel (lrjax.kernels.step.Step: blockwise, splash or pallas_gpu; lrjax.attention picks it) of
+the local queries against the visiting block. Forward: the (out, lse) pairs merge online; the transfer of the
+next block is issued before the current block's compute, so an asynchronous collective-permute can hide it.
+Blocks that are wholly masked are skipped by the kernel.
 
-Backward (custom VJP): a second ring. Each step runs attention.flash_backward with the GLOBAL (out, lse), so
-its block gradients are exact shares of the full softmax. dq accumulates locally; dk/dv accumulators (f32)
-travel with their blocks, one step behind (they depend on that step's compute), and a last transfer brings
-them home.
+Backward (custom VJP): a second ring. Each step runs the kernel's backward with the GLOBAL (out, lse), so its
+block gradients are exact shares of the full softmax, added in place to f32 accumulators: dq stays on its
+device; the dk/dv accumulators travel with their blocks, one step behind, and a last transfer brings them home.
+Per device that is one dq, two K/V blocks (held and next) and two dK/dV blocks (held and arriving); the dK/dV
+transfer is not hidden behind the step (the step adds into what arrives), the K/V transfer is.
 
-Load balancing for causal attention (applied ONCE to the data: tokens, targets, positions, weights):
+Load balancing for causal attention (applied ONCE to the data: tokens, targets, positions, weights, segments):
   zigzag  (dual chunk swap) 2N chunks, device i gets chunks i and 2N-1-i; with block sizes dividing the
           chunk length, half of each off-diagonal step is skipped and every device does the same work.
   striped token j goes to device j mod N; balanced, but no block can be skipped.
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,10 +37,11 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from lrjax import attention as attention_lib
 from lrjax import axes
-
-ORDERS = axes.LOAD_BALANCE_ORDERS
+from lrjax.kernels import blockwise
+from lrjax.kernels import mask
+from lrjax.kernels import step as step_lib
+from lrjax.kernels.step import Step
 
 
 class RingError(ValueError):
@@ -53,8 +57,8 @@ def permutation(length: int, n: int, order: str) -> np.ndarray:
 
   After the permutation, device i's contiguous slice [i*length/n, (i+1)*length/n) holds its tokens.
   """
-  if order not in ORDERS:
-    raise RingError(f"unknown load-balancing order {order!r}; expected one of {ORDERS}")
+  if order not in axes.LOAD_BALANCE_ORDERS:
+    raise RingError(f"unknown load-balancing order {order!r}; expected one of {axes.LOAD_BALANCE_ORDERS}")
   if n < 1:
     raise RingError(f"ring size must be positive, got {n}")
   idx = np.arange(length)
@@ -78,14 +82,6 @@ def load_balance(x: Any, n: int, order: str) -> Any:
   return jax.tree.map(one, x)
 
 
-def inverse(x: Any, n: int, order: str) -> Any:
-  """Undo load_balance: back to the original sequence order."""
-  def one(a):
-    idx = np.argsort(permutation(a.shape[1], n, order))
-    return a[:, idx]
-  return jax.tree.map(one, x)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The ring (call inside shard_map).
 
@@ -95,96 +91,93 @@ def _rotate(tree, axis_name, n):
   return jax.tree.map(lambda a: lax.ppermute(a, axis_name, perm), tree)
 
 
-def _merge(acc, new):
-  """Online-softmax merge of two partial attentions (o f32[b,t,n,h], lse f32[b,t,n]) over disjoint keys."""
-  o_a, lse_a = acc
-  o_b, lse_b = new
-  lse = jnp.logaddexp(lse_a, lse_b)
-  lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)  # rows that have seen no key yet: both weights 0
-  w_a = jnp.exp(lse_a - lse_safe)[..., None]
-  w_b = jnp.exp(lse_b - lse_safe)[..., None]
-  return o_a * w_a + o_b.astype(jnp.float32) * w_b, lse
+
+class _Block(NamedTuple):
+  """What travels around the ring: one device's keys, values, their positions and segment ids."""
+  k: jax.Array
+  v: jax.Array
+  pos: jax.Array
+  seg: jax.Array | None
 
 
-def _ring_forward(q, k, v, q_pos, k_pos, axis_name, causal, block_q, block_k, scale):
+def _ring_forward(kernel: Step, q, q_pos, q_seg, blk: _Block, axis_name):
   n = lax.axis_size(axis_name)
-  kw = dict(causal=causal, block_q=block_q, block_k=block_k, scale=scale)
-
   def attend(blk):
-    kb, vb, kpb = blk
-    o, lse = attention_lib.flash_forward(q, kb, vb, q_pos, kpb, **kw)
-    return o.astype(jnp.float32), lse
+    o, lse = kernel.forward(q, blk.k, blk.v, q_pos, blk.pos, q_seg, blk.seg)
+    return o.astype(jnp.float32), lse  # merged in f32
 
-  blk = (k, v, k_pos)
-  nxt = _rotate(blk, axis_name, n) if n > 1 else blk  # issued before the compute it does not depend on
+  if n == 1:
+    return kernel.forward(q, blk.k, blk.v, q_pos, blk.pos, q_seg, blk.seg)
+  nxt = _rotate(blk, axis_name, n)  # issued before the compute it does not depend on
   acc = attend(blk)
-  if n > 1:
-    def body(carry, _):
-      acc, blk = carry
-      nxt = _rotate(blk, axis_name, n)
-      return (_merge(acc, attend(blk)), nxt), None
 
-    (acc, last), _ = lax.scan(body, (acc, nxt), length=n - 2)
-    acc = _merge(acc, attend(last))
-  o, lse = acc
+  def body(carry, _):
+    acc, blk = carry
+    nxt = _rotate(blk, axis_name, n)
+    return (step_lib.merge(acc, attend(blk)), nxt), None
+
+  (acc, last), _ = lax.scan(body, (acc, nxt), length=n - 2)
+  o, lse = step_lib.merge(acc, attend(last))
   return o.astype(q.dtype), lse
 
 
-def _ring_backward(q, k, v, q_pos, k_pos, out, lse, dout, axis_name, causal, block_q, block_k, scale):
+def _ring_backward(kernel: Step, q, q_pos, q_seg, blk: _Block, out, lse, dout, axis_name):
+  """dq accumulates in place on its device; the f32 dk/dv accumulators travel with their block, one step
+  behind it: at step j a device receives the accumulator of the block it now holds and adds to it."""
   n = lax.axis_size(axis_name)
-  kw = dict(causal=causal, block_q=block_q, block_k=block_k, scale=scale)
 
-  def grads(blk):
-    kb, vb, kpb = blk
-    return attention_lib.flash_backward(q, kb, vb, q_pos, kpb, out, lse, dout, **kw)
+  def grads(blk, dq, dkv):
+    return kernel.backward(q, blk.k, blk.v, q_pos, blk.pos, q_seg, blk.seg, out, lse, dout, dq, *dkv)
 
-  blk = (k, v, k_pos)
   if n == 1:
-    return grads(blk)
+    return grads(blk, None, (None, None))
   nxt = _rotate(blk, axis_name, n)
-  dq, dk, dv = grads(blk)
-  pending = (dk, dv)  # accumulators of the block just used, sent at the start of the next step
+  dq, *dkv = grads(blk, None, (None, None))
 
-  def step(dq, blk, pending):
-    acc = _rotate(pending, axis_name, n)  # arrives with (is the accumulator of) the block now held
-    dq_c, dk_c, dv_c = grads(blk)
-    return dq + dq_c, (acc[0] + dk_c, acc[1] + dv_c)
+  def step(dq, blk, dkv):
+    dq, *dkv = grads(blk, dq, _rotate(tuple(dkv), axis_name, n))
+    return dq, tuple(dkv)
 
   def body(carry, _):
-    dq, blk, pending = carry
+    dq, blk, dkv = carry
     nxt = _rotate(blk, axis_name, n)
-    dq, pending = step(dq, blk, pending)
-    return (dq, nxt, pending), None
+    dq, dkv = step(dq, blk, dkv)
+    return (dq, nxt, dkv), None
 
-  (dq, last, pending), _ = lax.scan(body, (dq, nxt, pending), length=n - 2)
-  dq, pending = step(dq, last, pending)  # the last block needs no onward K/V transfer
-  dk, dv = _rotate(pending, axis_name, n)  # home
+  (dq, last, dkv), _ = lax.scan(body, (dq, nxt, tuple(dkv)), length=n - 2)
+  dq, dkv = step(dq, last, dkv)  # the last block needs no onward K/V transfer
+  dk, dv = _rotate(dkv, axis_name, n)  # home
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _ring_attention(q, k, v, q_pos, k_pos, axis_name, causal, block_q, block_k, scale):
-  return _ring_forward(q, k, v, q_pos, k_pos, axis_name, causal, block_q, block_k, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _ring_attention(kernel, axis_name, q, k, v, q_pos, k_pos, q_seg, k_seg):
+  return _ring_forward(kernel, q, q_pos, q_seg, _Block(k, v, k_pos, k_seg), axis_name)[0]
 
 
-def _ring_attention_fwd(q, k, v, q_pos, k_pos, axis_name, causal, block_q, block_k, scale):
-  out, lse = _ring_forward(q, k, v, q_pos, k_pos, axis_name, causal, block_q, block_k, scale)
-  return out, (q, k, v, q_pos, k_pos, out, lse)
+def _ring_attention_fwd(kernel, axis_name, q, k, v, q_pos, k_pos, q_seg, k_seg):
+  out, lse = _ring_forward(kernel, q, q_pos, q_seg, _Block(k, v, k_pos, k_seg), axis_name)
+  return out, (q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse)
 
 
-def _ring_attention_bwd(axis_name, causal, block_q, block_k, scale, res, dout):
-  q, k, v, q_pos, k_pos, out, lse = res
-  dq, dk, dv = _ring_backward(q, k, v, q_pos, k_pos, out, lse, dout, axis_name, causal, block_q, block_k,
-                              scale)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+def _ring_attention_bwd(kernel, axis_name, res, dout):
+  q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse = res
+  dq, dk, dv = _ring_backward(kernel, q, q_pos, q_seg, _Block(k, v, k_pos, k_seg), out, lse, dout, axis_name)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
 _ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
 
 
+def _kernel(kernel, causal, sliding_window, block_q, block_k, scale) -> Step:
+  return blockwise.Blockwise(causal, sliding_window, block_q, block_k, scale) if kernel is None else kernel
+
+
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
                    axis_name: str, causal: bool = True, block_q: int = 512, block_k: int = 512,
-                   scale: float | None = None) -> jax.Array:
+                   scale: float | None = None, q_segment: jax.Array | None = None,
+                   k_segment: jax.Array | None = None, sliding_window: int | None = None,
+                   kernel: Step | None = None) -> jax.Array:
   """Exact attention over a ring; call INSIDE shard_map (with check_vma=False) on local shards.
 
   Args:
@@ -192,34 +185,25 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k
       repeating keys).
     q_pos, k_pos: i32[b, t], i32[b, s] global positions of the local tokens.
     axis_name: the mesh axis the sequence is sharded over (the ring).
-    causal: mask key positions > query position.
-    block_q, block_k: flash block sizes (tokens); for zig-zag, divisors of t/2 let masked halves be skipped.
+    causal, sliding_window, q_segment, k_segment: the mask (lrjax.kernels.mask); segment ids travel with
+      their keys.
+    block_q, block_k: blockwise tiles (tokens); for zig-zag, divisors of t/2 let masked halves be skipped.
     scale: logit scale (default h ** -0.5).
+    kernel: the per-step kernel (a lrjax.kernels.step.Step, with its own mask settings); None: the blockwise
+      kernel built from the arguments above.
   Returns:
-    [b, t, n, h] in q.dtype; differentiable in q, k, v (positions get no gradient).
+    [b, t, n, h] in q.dtype; differentiable in q, k, v (positions and segment ids get no gradient).
   """
-  return _ring_attention(q, k, v, q_pos, k_pos, axis_name, causal, block_q, block_k, scale)
+  mask.check(q_pos, k_pos, q_segment, k_segment, causal=causal, sliding_window=sliding_window)
+  kernel = _kernel(kernel, causal, sliding_window, block_q, block_k, scale)
+  return _ring_attention(kernel, axis_name, q, k, v, q_pos, k_pos, q_segment, k_segment)
 
 
-def ring_attention_sharded(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
-                           axis_name: str = axes.SEQUENCE_AXIS, causal: bool = True,
-                           block_q: int = 512, block_k: int = 512, scale: float | None = None,
-                           mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None) -> jax.Array:
-  """Ring attention on global arrays: shard_map over the current mesh (jax.set_mesh / sharding.mesh_context).
-
-  Specs: q, k, v P((data, fsdp), axis_name, tensor, None); positions P((data, fsdp), axis_name).
-  Args and returns as ring_attention, with global shapes; `mesh` overrides the context mesh.
-  Raises:
-    RingError when there is no mesh, the axis is missing, or the shapes do not divide over it.
-  """
-  if mesh is None:
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-      raise RingError("ring attention needs a mesh: trace the model under jax.set_mesh(mesh) "
-                      "(lrjax.sharding.mesh_context) or pass mesh=")
+def _problems(mesh, axis_name, q, k, v, q_pos, k_pos, q_segment, k_segment):
+  """Human-readable reasons why these global shapes cannot be sharded over the ring (empty: they can)."""
   names = tuple(mesh.axis_names)
   if axis_name not in names:
-    raise RingError(f"ring axis {axis_name!r} is not in the mesh axes {names}")
+    return [f"ring axis {axis_name!r} is not in the mesh axes {names}"]
   batch_axes = tuple(a for a in axes.BATCH_AXES if a in names and a != axis_name)
   head_axis = axes.TENSOR_AXIS if axes.TENSOR_AXIS in names else None
   size = lambda axes: math.prod(mesh.shape[a] for a in axes)
@@ -232,6 +216,9 @@ def ring_attention_sharded(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.
   if q_pos.shape != (b, t) or k_pos.shape != (b, s):
     problems.append(f"positions must be [b, t] = {(b, t)} and [b, s] = {(b, s)}, got {q_pos.shape}, "
                     f"{k_pos.shape}")
+  if q_segment is not None and (q_segment.shape != (b, t) or k_segment.shape != (b, s)):
+    problems.append(f"segment ids must be [b, t] = {(b, t)} and [b, s] = {(b, s)}, got {q_segment.shape}, "
+                    f"{k_segment.shape}")
   if t % ring or s % ring:
     problems.append(f"lengths (q {t}, k {s}) are not divisible by ring axis {axis_name!r} of size {ring}")
   if b % n_batch:
@@ -240,14 +227,45 @@ def ring_attention_sharded(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.
     problems.append(f"heads (q {n_heads}, kv {kv_heads}) are not divisible by {head_axis!r} of size {n_tp}")
   if n_heads % kv_heads:
     problems.append(f"query heads {n_heads} are not a multiple of key/value heads {kv_heads}")
+  return problems
+
+
+def context_mesh(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None):
+  """`mesh`, or the current one (jax.set_mesh / lrjax.sharding.mesh_context); raises RingError if none."""
+  if mesh is None:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+      raise RingError("ring attention needs a mesh: trace the model under jax.set_mesh(mesh) "
+                      "(lrjax.sharding.mesh_context) or pass mesh=")
+  return mesh
+
+
+def ring_attention_sharded(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, *,
+                           axis_name: str = axes.SEQUENCE_AXIS, causal: bool = True,
+                           block_q: int = 512, block_k: int = 512, scale: float | None = None,
+                           mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+                           q_segment: jax.Array | None = None, k_segment: jax.Array | None = None,
+                           sliding_window: int | None = None, kernel: Step | None = None) -> jax.Array:
+  """Ring attention on global arrays: shard_map over the current mesh (jax.set_mesh / sharding.mesh_context).
+
+  Specs: q, k, v P((data, fsdp), axis_name, tensor, None); positions and segment ids P((data, fsdp), axis_name).
+  Args and returns as ring_attention, with global shapes; `mesh` overrides the context mesh.
+  Raises:
+    RingError when there is no mesh, the axis is missing, or the shapes do not divide over it.
+  """
+  mesh = context_mesh(mesh)
+  problems = _problems(mesh, axis_name, q, k, v, q_pos, k_pos, q_segment, k_segment)
   if problems:
     raise RingError("ring attention: " + "; ".join(problems))
-  batch = batch_axes or None
-  x_spec = P(batch, axis_name, head_axis, None)
+  names = tuple(mesh.axis_names)
+  batch = tuple(a for a in axes.BATCH_AXES if a in names and a != axis_name) or None
+  x_spec = P(batch, axis_name, axes.TENSOR_AXIS if axes.TENSOR_AXIS in names else None, None)
   pos_spec = P(batch, axis_name)
-  fn = functools.partial(ring_attention, axis_name=axis_name, causal=causal, block_q=block_q,
-                         block_k=block_k, scale=scale)
-  # check_vma=False: attention.flash_* start their scans/conds from unannotated zeros, which the
-  # varying-manual-axes type check rejects; every output here is varying along all mapped axes anyway.
-  return jax.shard_map(fn, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, pos_spec, pos_spec),
-                       out_specs=x_spec, check_vma=False)(q, k, v, q_pos, k_pos)
+  seg_spec = None if q_segment is None else pos_spec
+  mask.check(q_pos, k_pos, q_segment, k_segment, causal=causal, sliding_window=sliding_window)
+  fn = functools.partial(_ring_attention, _kernel(kernel, causal, sliding_window, block_q, block_k, scale),
+                         axis_name)
+  # check_vma=False: the kernels start their scans/conds from unannotated zeros, which the varying-manual-axes
+  # type check rejects; every output here is varying along all mapped axes anyway.
+  return jax.shard_map(fn, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, pos_spec, pos_spec, seg_spec, seg_spec),
+                       out_specs=x_spec, check_vma=False)(q, k, v, q_pos, k_pos, q_segment, k_segment)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lrjax import attention as A
+from lrjax import axes
 from lrjax import loss as L
 from lrjax import model as M
 from lrjax import ring as R
@@ -25,6 +26,11 @@ def _mesh(devices=None, **sizes):
 
 def _ring_mesh(n):
   return _mesh(devices=jax.devices()[:n], sequence=n)
+
+
+def _unbalance(x, n, order):
+  """Undo R.load_balance along axis 1 (the inverse permutation is the argsort of the permutation)."""
+  return jax.tree.map(lambda a: a[:, np.argsort(R.permutation(a.shape[1], n, order))], x)
 
 
 def _inputs(b, t, n, k, h, seed=0):
@@ -45,13 +51,13 @@ def test_zigzag_permutation_matches_hand_written_example():
   np.testing.assert_array_equal(R.permutation(8, 2, "none"), np.arange(8))
 
 
-@pytest.mark.parametrize("order", R.ORDERS)
+@pytest.mark.parametrize("order", axes.LOAD_BALANCE_ORDERS)
 def test_load_balance_inverse_roundtrip(order):
   x = np.arange(3 * 24).reshape(3, 24)
   y = R.load_balance({"tokens": x, "pos": jnp.asarray(x)}, 4, order)
   assert isinstance(y["tokens"], np.ndarray) and isinstance(y["pos"], jax.Array)
-  np.testing.assert_array_equal(R.inverse(y, 4, order)["tokens"], x)
-  np.testing.assert_array_equal(np.asarray(R.inverse(y, 4, order)["pos"]), x)
+  np.testing.assert_array_equal(_unbalance(y, 4, order)["tokens"], x)
+  np.testing.assert_array_equal(np.asarray(_unbalance(y, 4, order)["pos"]), x)
 
 
 def test_load_balance_errors():
@@ -66,7 +72,7 @@ def test_zigzag_balances_causal_work():
   skewed 7x without balancing (device 0 sees 136 pairs of 16 tokens, device 3 sees 904)."""
   t, n = 64, 4
   work = {}
-  for order in R.ORDERS:
+  for order in axes.LOAD_BALANCE_ORDERS:
     pos = R.permutation(t, n, order).reshape(n, t // n)
     work[order] = [int((pos[i][:, None] >= np.arange(t)[None]).sum()) for i in range(n)]
   assert work["none"] == [136, 392, 648, 904]
@@ -99,7 +105,7 @@ def test_ring_matches_reference(sizes, causal, order, heads):
   def ring_fn(q, k, v):
     ql, kl, vl, pl = R.load_balance((q, k, v, pos), ring, order)
     out = R.ring_attention_sharded(ql, kl, vl, pl, pl, causal=causal, block_q=2, block_k=2)
-    return R.inverse(out, ring, order)
+    return _unbalance(out, ring, order)
 
   ref_fn = lambda q, k, v: A.reference_attention(q, k, v, pos, pos, causal=causal)
   # One compile per function: the loss with the output as aux, differentiated in q, k, v.
@@ -111,6 +117,78 @@ def test_ring_matches_reference(sizes, causal, order, heads):
   np.testing.assert_allclose(out, out_ref, atol=1e-5)
   for g, g_ref in zip(grads, grads_ref):
     np.testing.assert_allclose(g, g_ref, atol=1e-5)
+
+
+def _documents(b, t, seed=0):
+  """Packed documents: sorted segment ids per row."""
+  return jnp.asarray(np.sort(np.random.RandomState(seed).randint(0, 3, (b, t)), axis=1), jnp.int32)
+
+
+MASK_CASES = [  # (ring, order, (q heads, kv heads), sliding window, documents, dtype)
+    (2, "zigzag", (4, 2), 5, True, jnp.float32),
+    (4, "none", (4, 1), 6, False, jnp.float32),
+    (4, "striped", (2, 2), None, True, jnp.float32),
+    (8, "zigzag", (4, 2), 9, True, jnp.float32),
+    (8, "striped", (4, 2), 4, False, jnp.float32),
+    (4, "zigzag", (4, 2), 7, True, jnp.bfloat16),
+]
+
+
+def _ring_vs_reference(implementation, ring, order, heads, window, documents, dtype, t, h, block, atol):
+  """The dispatch's ring on a load-balanced sequence, values and input gradients, against the reference."""
+  mesh = _ring_mesh(ring)
+  b = 2
+  q, k, v, w = (x.astype(dtype) for x in _inputs(b, t, heads[0], heads[1], h))
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t)) + 3
+  seg = _documents(b, t) if documents else None
+
+  def ring_fn(q, k, v):
+    ql, kl, vl, pl, sl = R.load_balance((q, k, v, pos, seg), ring, order)
+    out = A.attention(ql, kl, vl, pl, pl, implementation=implementation, block_q=block, block_k=block,
+                      q_segment=sl, k_segment=sl, sliding_window=window)
+    return _unbalance(out, ring, order)
+
+  ref_fn = lambda q, k, v: A.reference_attention(q, k, v, pos, pos, q_segment=seg, k_segment=seg,
+                                                 sliding_window=window)
+  loss = lambda fn: jax.value_and_grad(
+      lambda *a: (lambda o: (jnp.sum(jnp.sin(o.astype(jnp.float32)) * w), o))(fn(*a)), argnums=(0, 1, 2),
+      has_aux=True)
+  with S.mesh_context(mesh):
+    (_, out), grads = jax.jit(loss(ring_fn))(q, k, v)
+  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+  (_, out_ref), grads_ref = jax.jit(loss(ref_fn))(*f32)
+  assert out.dtype == dtype
+  np.testing.assert_allclose(out.astype(jnp.float32), out_ref, atol=atol)
+  for g, g_ref in zip(grads, grads_ref):
+    np.testing.assert_allclose(g.astype(jnp.float32), g_ref, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("ring, order, heads, window, documents, dtype", MASK_CASES)
+def test_ring_masks_match_reference(ring, order, heads, window, documents, dtype):
+  """Sliding windows and document masks across ring steps (segment ids travel with their keys)."""
+  atol = 3e-2 if dtype == jnp.bfloat16 else 1e-5
+  _ring_vs_reference("ring:blockwise", ring, order, heads, window, documents, dtype, t=4 * ring, h=8, block=2,
+                     atol=atol)
+
+
+@pytest.mark.parametrize("step, t, h, block, window", [("pallas_gpu", 512, 32, 32, 40),
+                                                       ("splash", 2048, 64, 128, None)])
+def test_ring_fast_step_kernel_zigzag_8_devices(step, t, h, block, window):
+  """The ring with a Pallas step kernel in interpret mode on 8 devices, zig-zag, documents (splash: every step's
+  sub-block pairs are full, empty or causal, so no step leaves the kernel)."""
+  _ring_vs_reference(f"ring:{step}", 8, "zigzag", (2, 1), window, True, jnp.float32, t=t, h=h, block=block,
+                     atol=2e-5)
+
+
+def test_ring_dispatch_resolves_and_falls_back(caplog):
+  """"ring" resolves per backend (the CPU: blockwise steps); a fast step the local shapes do not fit logs once
+  and runs blockwise steps (splash needs sub-blocks of whole 128-token tiles)."""
+  assert A.resolve("ring", "cpu") == "ring:blockwise"
+  with caplog.at_level("WARNING", logger="lrjax.attention"):
+    _ring_vs_reference("ring:splash", 2, "zigzag", (2, 1), None, False, jnp.float32, t=24, h=8, block=4,
+                       atol=1e-5)
+  messages = [r.getMessage() for r in caplog.records if r.name == "lrjax.attention"]
+  assert len(messages) == 1 and messages[0].startswith("ring step splash attention cannot run this call")
 
 
 def _count_ppermutes(jaxpr, mult=1):
