@@ -42,6 +42,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.attention = "blockwise"      # blockwise | reference | xla | cudnn | ring (with a mesh sequence axis)
   c.block_q = 512
   c.block_k = 512
+  c.sliding_window = -1           # -1 = the checkpoint's, 0 = off (full causal attention), N = N tokens
   c.data = ("builtin:test",)     # sources: builtin:SPLIT, FILE.jsonl[.gz][?field=], FILE.txt, DIR[?pattern=],
   #                                tfds:NAME?split=test&data_dir=DIR&field=text
   c.num_documents = 0            # documents per source (0 = all that pass min_tokens)

@@ -23,6 +23,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.attention = "blockwise"
   c.block_q = 512
   c.block_k = 512
+  c.sliding_window = -1           # -1 = the checkpoint's, 0 = off (full causal attention), N = N tokens
   c.original_length = 0            # 0 = the model's original window
   c.lengths = (256, 512, 1024, 2048)
   c.settings = ("none", "yarn")

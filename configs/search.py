@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.attention = "blockwise"
   c.block_q = 512
   c.block_k = 512
+  c.sliding_window = -1           # -1 = the checkpoint's, 0 = off (full causal attention), N = N tokens
   c.resume = False                # continue the search state in --workdir
   c.progress = True               # tqdm bar per generation
   c.base_factors = ""             # second: fine-tuned factors (JSON or CSV); short: the long factors
@@ -142,10 +143,11 @@ def _paper_mistral(c, target):
   _paper_llama2(c, target)
   c.model = c.data.tokenizer = "/path/to/Mistral-7B-v0.1"
   # Official code: original = sliding_window = 4096 for Mistral v0.1; YaRN seed with β = (128, 2). The paper
-  # disabled sliding-window attention (issue #8); lrjax attends over the whole window anyway.
+  # disabled sliding-window attention (issue #8): so does this config.
   c.search.original_length = 4096
   c.search.yarn_beta_fast = 128.0
   c.search.yarn_beta_slow = 2.0
+  c.sliding_window = 0
   c.layout.model = ml_collections.ConfigDict(finetune.MISTRAL_7B)
   return c
 

@@ -25,7 +25,8 @@ from lrjax.perplexity import (PROTOCOLS, SHORT_DOCUMENT_POLICIES, EvalError, cou
 DERIVED_METHODS = {"pi": "linear", "linear": "linear", "ntk": "ntk", "yarn": "yarn", "llama3": "llama3"}
 SCHEMA = {
     "model": schema.STR, "tokenizer": schema.STR, "dtype": schema.STR, "attention": schema.STR,
-    "block_q": schema.POSITIVE_INT, "block_k": schema.POSITIVE_INT, "data": schema.SEQUENCE,
+    "block_q": schema.POSITIVE_INT, "block_k": schema.POSITIVE_INT, "sliding_window": schema.Key(int, minimum=-1),
+    "data": schema.SEQUENCE,
     "num_documents": schema.NON_NEGATIVE_INT, "sample_documents": schema.BOOL, "document_seed": schema.INT,
     "min_tokens": schema.Key(int, minimum=-1), "short_documents": schema.Key(str, choices=SHORT_DOCUMENT_POLICIES),
     "lengths": schema.SEQUENCE, "settings": schema.SEQUENCE, "original_length": schema.NON_NEGATIVE_INT,
@@ -154,7 +155,8 @@ def load_model(config) -> tuple[model_lib.ModelConfig, dict]:
   from lrjax import weights
   try:
     model_config, params = weights.load_model(config.model, dtype=config.dtype, attention=config.attention,
-                                              block_q=config.block_q, block_k=config.block_k)
+                                              block_q=config.block_q, block_k=config.block_k,
+                                              sliding_window=config.sliding_window)
   except ValueError as e:
     raise EvalError(str(e)) from None
   return model_config, params
@@ -163,7 +165,10 @@ def load_model(config) -> tuple[model_lib.ModelConfig, dict]:
 def load_tokenizer_for(config):
   """config.tokenizer, with "auto" = the model's own (lrjax.weights.model_tokenizer)."""
   from lrjax import weights
-  return weights.model_tokenizer(config.model, config.tokenizer)
+  try:
+    return weights.model_tokenizer(config.model, config.tokenizer)
+  except weights.WeightsError as e:
+    raise EvalError(str(e)) from None
 
 
 def _documents(config, tokenizer, lengths: list[int]) -> tuple[dict, dict]:

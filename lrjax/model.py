@@ -47,9 +47,9 @@ class ModelConfig:
   qkv_bias (Qwen2's q/k/v projection biases), sliding_window (each query sees itself and the window-1 previous
   positions; None = full causal attention), architecture (the checkpoint family the weights map to and from:
   llama, mistral, phi3, qwen2; host-side only).
-  Execution: dtype (compute) and param_dtype; attention implementation ("reference", "blockwise", "xla",
-  "cudnn", "ring") and its block sizes; scan_layers (lax.scan vs unrolled); remat policy; the mesh axis that
-  ring attention rotates over.
+  Execution: dtype (compute) and param_dtype; attention implementation (lrjax.attention.IMPLEMENTATIONS:
+  "auto" picks the fast kernel of the backend, "ring[:kernel]" rotates K/V over the mesh's sequence axis) and its
+  block sizes; scan_layers (lax.scan vs unrolled); remat policy; the mesh axis that ring attention rotates over.
   """
 
   vocab_size: int = 256
@@ -89,8 +89,9 @@ class ModelConfig:
       raise ValueError(f"rotary dim {self.rotary_dim} must be even and within head_dim {self.head_dim}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"unknown remat policy {self.remat!r}; expected one of {', '.join(REMAT_POLICIES)}")
-    if self.attention not in attention_lib.IMPLEMENTATIONS + ("ring",):
-      raise ValueError(f"unknown attention implementation {self.attention!r}")
+    if self.attention not in attention_lib.IMPLEMENTATIONS:
+      raise ValueError(f"unknown attention implementation {self.attention!r}; expected one of "
+                       f"{', '.join(attention_lib.IMPLEMENTATIONS)}")
     if self.sliding_window is not None and self.sliding_window < 1:
       raise ValueError(f"sliding_window must be a positive number of tokens or None, got {self.sliding_window}")
 
@@ -152,7 +153,8 @@ def _constrain(x, axes):
 
 def decoder_layer(x: jax.Array, p: dict, positions: jax.Array, inv_freq: jax.Array,
                   rope: rope_lib.RopeArrays, cfg: ModelConfig, cache: dict | None = None,
-                  cache_index: jax.Array | None = None):
+                  cache_index: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                  original: jax.Array | None = None):
   """One pre-norm decoder layer.
 
   Args:
@@ -163,6 +165,8 @@ def decoder_layer(x: jax.Array, p: dict, positions: jax.Array, inv_freq: jax.Arr
     rope: the remaining RopeArrays (base frequencies, mscale, n̂).
     cache: optional {"k","v": [b, S, K, H], "pos": i32[b, S]} of this layer; new keys are written at
       cache_index and attention runs over the whole cache.
+    segment_ids: optional i32[b, t] document ids (packed rows): attention stays within a document.
+    original: optional bool[b, t]: tokens that keep the original RoPE (LongRoPE2 mixed context window).
   Returns:
     (x [b, t, D], updated cache or None).
   """
@@ -178,23 +182,22 @@ def decoder_layer(x: jax.Array, p: dict, positions: jax.Array, inv_freq: jax.Arr
   q = _constrain(q, ("batch", "length", "q_heads", "head_dim"))
   k = _constrain(k, ("batch", "length", "kv_heads", "head_dim"))
   v = _constrain(v, ("batch", "length", "kv_heads", "head_dim"))
-  cos, sin = rope_lib.cos_sin(positions, inv_freq, rope)
+  cos, sin = rope_lib.cos_sin(positions, inv_freq, rope, original)
   q, k = rope_lib.apply_rope(q, cos, sin), rope_lib.apply_rope(k, cos, sin)
+  kw = dict(block_q=cfg.block_q, block_k=cfg.block_k, sliding_window=cfg.sliding_window)
   if cache is not None:
     k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
     v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)
     k_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions, cache_index, 1)
     cache = {"k": k_all, "v": v_all, "pos": k_pos}
-    impl = "blockwise" if cfg.attention in ("blockwise", "ring") else "reference"
-    a = attention_lib.attention(q, k_all.astype(dt), v_all.astype(dt), positions, k_pos,
-                                implementation=impl, block_q=cfg.block_q, block_k=cfg.block_k)
-  elif cfg.attention == "ring":
-    from lrjax import ring  # layer above attention; imported lazily so single-device use never needs it
-    a = ring.ring_attention_sharded(q, k, v, positions, positions, axis_name=cfg.sequence_axis,
-                                    block_q=cfg.block_q, block_k=cfg.block_k)
+    # A cache is one device's keys at arbitrary positions: the ring does not apply, and the fast kernels
+    # fall back by themselves when query and key lengths differ.
+    impl = "blockwise" if cfg.attention.startswith("ring") else cfg.attention
+    a = attention_lib.attention(q, k_all.astype(dt), v_all.astype(dt), positions, k_pos, implementation=impl,
+                                **kw)
   else:
     a = attention_lib.attention(q, k, v, positions, positions, implementation=cfg.attention,
-                                block_q=cfg.block_q, block_k=cfg.block_k)
+                                q_segment=segment_ids, k_segment=segment_ids, axis_name=cfg.sequence_axis, **kw)
   a = checkpoint_name(jnp.einsum("btnh,nhd->btd", a, w("o")), "attn_out")
   x = _constrain(x + a, ("batch", "length", "embed"))
   h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
@@ -227,29 +230,35 @@ class Llama(nn.Module):
     self.layers = self.param("layers", _layers_init(shapes, pd))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, rope: rope_lib.RopeArrays,
-               cache: dict | None = None, cache_index: jax.Array | None = None):
+               cache: dict | None = None, cache_index: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, original: jax.Array | None = None):
     """Args:
       tokens: i32[b, t]; positions: i32[b, t] global positions; rope: RopeArrays (inv_freq [L, d/2]).
       cache: optional {"k","v": [L, b, S, K, H], "pos": i32[L, b, S]}; cache_index: where t new tokens go.
+      segment_ids: optional i32[b, t] document ids of packed rows (attention within a document only).
+      original: optional bool[b, t] tokens that keep the original RoPE (LongRoPE2 mixed context window).
     Returns:
       hidden f32/compute-dtype [b, t, D] (after the final norm), and the updated cache (None without one).
     """
     c = self.config
+    if cache is not None and segment_ids is not None:
+      raise ValueError("segment ids (packed documents) are a training input; decoding with a cache takes none")
     dt = jnp.dtype(c.dtype)
     x = jnp.take(self.embed, tokens, axis=0, mode="clip").astype(dt)
     x = _constrain(x, ("batch", "length", "embed"))
 
     def body(x, layer):
-      p, inv_freq, layer_positions, layer_cache = layer
-      return decoder_layer(x, p, layer_positions, inv_freq, rope, c, layer_cache, cache_index)
+      p, inv_freq, layer_positions, layer_cache, layer_segments, layer_original = layer
+      return decoder_layer(x, p, layer_positions, inv_freq, rope, c, layer_cache, cache_index, layer_segments,
+                           layer_original)
 
     if c.remat != "none":
       body = jax.checkpoint(body, policy=_remat_policy(c.remat), prevent_cse=not c.scan_layers)
-    # Positions enter the layer scan as a per-layer input, not a closed-over constant: under grad, scan's
-    # partial evaluation hoists everything computed from loop constants out of the loop, which would
-    # materialise every attention block's mask at once (O(t^2) memory). [L, b, t] ints cost nothing.
-    layer_positions = jnp.broadcast_to(positions, (c.num_layers,) + positions.shape)
-    xs = (self.layers, rope.inv_freq, layer_positions, cache)
+    # Positions (and segment ids) enter the layer scan as per-layer inputs, not closed-over constants: under
+    # grad, scan's partial evaluation hoists everything computed from loop constants out of the loop, which
+    # would materialise every attention block's mask at once (O(t^2) memory). [L, b, t] ints cost nothing.
+    per_layer = lambda a: None if a is None else jnp.broadcast_to(a, (c.num_layers,) + a.shape)
+    xs = (self.layers, rope.inv_freq, per_layer(positions), cache, per_layer(segment_ids), per_layer(original))
     if c.scan_layers:
       x, new_cache = jax.lax.scan(body, x, xs)
     else:
@@ -286,9 +295,11 @@ def init_params(config: ModelConfig, key: jax.Array) -> dict:
 
 
 def forward(config: ModelConfig, params: dict, tokens: jax.Array, positions: jax.Array,
-            rope: rope_lib.RopeArrays) -> jax.Array:
+            rope: rope_lib.RopeArrays, segment_ids: jax.Array | None = None,
+            original: jax.Array | None = None) -> jax.Array:
   """Hidden states [b, t, D] after the final norm."""
-  return Llama(config).apply({"params": params}, tokens, positions, rope)[0]
+  return Llama(config).apply({"params": params}, tokens, positions, rope, segment_ids=segment_ids,
+                             original=original)[0]
 
 
 def head_weights(config: ModelConfig, params: dict) -> jax.Array:

@@ -118,7 +118,8 @@ def accuracy(config: model_lib.ModelConfig, params: dict, tokenizer, *, lengths:
 def _schema():
   from lrjax import schema
   return {"model": schema.STR, "tokenizer": schema.STR, "dtype": schema.STR, "attention": schema.STR,
-          "block_q": schema.POSITIVE_INT, "block_k": schema.POSITIVE_INT, "original_length": schema.NON_NEGATIVE_INT,
+          "block_q": schema.POSITIVE_INT, "block_k": schema.POSITIVE_INT, "sliding_window": schema.Key(int, minimum=-1),
+          "original_length": schema.NON_NEGATIVE_INT,
           "lengths": schema.SEQUENCE, "settings": schema.SEQUENCE, "samples": schema.POSITIVE_INT, "seed": schema.INT,
           "format": schema.Key(str, choices=tuple(FORMATS)), "max_new_tokens": schema.POSITIVE_INT,
           "policy": schema.Key(str, choices=decode.POLICIES), "progress": schema.BOOL}

@@ -101,7 +101,7 @@ def compiled_window_nll(config: model_lib.ModelConfig, mesh: jax.sharding.Mesh |
 
   One compiled program per (batch, length) shape and dtype; rope and weights are traced, so new factor sets
   never recompile. With `mesh`, params follow lrjax.sharding's rules, windows are split over the batch axes
-  (data, fsdp) and the sequence axis (ring attention when config.attention == "ring"), and tracing happens
+  (data, fsdp) and the sequence axis (ring attention when config.attention is "ring[:kernel]"), and tracing happens
   inside the mesh context so activation constraints apply.
   """
   def fn(params, tokens, rope, weights):

@@ -364,21 +364,27 @@ def stack_rope_arrays(items: Sequence[RopeArrays]) -> RopeArrays:
 # Device side.
 
 
-def cos_sin(positions: jax.Array, inv_freq: jax.Array, rope: RopeArrays) -> tuple[jax.Array, jax.Array]:
+def cos_sin(positions: jax.Array, inv_freq: jax.Array, rope: RopeArrays,
+            original: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Rotation tables for global positions.
 
   Args:
     positions: i32[b, t] global token positions.
     inv_freq: f32[d/2], this layer's scaled inverse frequencies.
     rope: supplies base_inv_freq, mscale and n_hat.
+    original: optional bool[b, t]: tokens that keep the original RoPE (LongRoPE2's mixed context window: the
+      short documents of a packed row), as positions < n̂ do.
   Returns:
-    (cos, sin), each f32[b, t, d/2], already multiplied by the magnitude (1 for positions < n̂, else mscale).
+    (cos, sin), each f32[b, t, d/2], already multiplied by the magnitude (1 for original tokens, else mscale).
   """
   # Broadcast multiply in float32: a dot here would run at reduced precision on TPU, and bf16 angles are
   # useless at long positions.
   pos = positions.astype(jnp.float32)[..., None]
   angle = pos * inv_freq.astype(jnp.float32)
-  keep = (positions < rope.n_hat)[..., None]
+  keep = positions < rope.n_hat
+  if original is not None:
+    keep = keep | original
+  keep = keep[..., None]
   angle = jnp.where(keep, pos * rope.base_inv_freq.astype(jnp.float32), angle)
   magnitude = jnp.where(keep, jnp.float32(1), rope.mscale.astype(jnp.float32))
   return jnp.cos(angle) * magnitude, jnp.sin(angle) * magnitude

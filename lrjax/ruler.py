@@ -218,6 +218,8 @@ def _frame(req: _Request, task_text: str, answer_prefix: str, before: str = "") 
     raise RulerError("format_prompt must return its task_text unchanged inside the prompt, exactly once")
   head, tail = text.split(_MARKER)
   bos = getattr(req.tokenizer, "bos_id", None)
+  if not getattr(req.tokenizer, "add_bos", bos is not None):  # the checkpoint's rule (SmolLM2: no BOS)
+    bos = None
   bos = np.zeros((0,), np.int32) if bos is None else np.asarray([bos], np.int32)
   return np.concatenate([bos, hs.encode(req.tokenizer, head)]), hs.encode(req.tokenizer, tail)
 

@@ -214,7 +214,7 @@ def validate(mesh: Mesh, *, batch: int, length: int, config: Any, order: str = "
   if batch % n_batch:
     problems.append(f"batch {batch} is not divisible by data*fsdp = {n_batch}")
   n_seq = s(seq_axis)
-  if getattr(config, "attention", None) == "ring" and seq_axis not in mesh.axis_names:
+  if str(getattr(config, "attention", "")).startswith("ring") and seq_axis not in mesh.axis_names:
     problems.append(f"attention='ring' rotates over mesh axis {seq_axis!r}, which the mesh "
                     f"{tuple(mesh.axis_names)} lacks")
   chunks = 2 * n_seq if order == "zigzag" else n_seq

@@ -517,7 +517,7 @@ def export_hf(directory: str, model_cfg: model_lib.ModelConfig, params, stage: S
 def balance_order(model_cfg: model_lib.ModelConfig, mesh) -> str:
   """Causal load balancing for ring attention: zig-zag whenever the ring has more than one device (without
   it the last device does ~2N-1 times the first one's attention work and every step waits for it)."""
-  ring = model_cfg.attention == "ring" and mesh.shape.get(sharding_lib.SEQUENCE_AXIS, 1) > 1
+  ring = model_cfg.attention.startswith("ring") and mesh.shape.get(sharding_lib.SEQUENCE_AXIS, 1) > 1
   return "zigzag" if ring else "none"
 
 

@@ -139,3 +139,20 @@ def test_unsupported_architectures_are_refused_in_one_line(config, match):
   with pytest.raises(weights.WeightsError, match=match) as e:
     weights.config_from_hf({**base, **config})
   assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("cls, config_cls", [(transformers.MistralForCausalLM, transformers.MistralConfig),
+                                             (transformers.Phi3ForCausalLM, transformers.Phi3Config)])
+def test_sliding_window_matches_transformers_beyond_the_window(tmp_path, cls, config_cls):
+  """Window 8: at 12 and 40 tokens every query sees only itself and the 7 positions before it."""
+  extra = dict(pad_token_id=0, original_max_position_embeddings=64) if cls is transformers.Phi3ForCausalLM else {}
+  m = _save(cls, config_cls, tmp_path / "ref", sliding_window=8, max_position_embeddings=64, **extra)
+  cfg, params = _round_trip(m, cls, tmp_path, (12, 40))
+  assert cfg.sliding_window == 8
+  assert json.loads((tmp_path / "out" / "config.json").read_text())["sliding_window"] == 8
+  tokens = _tokens(40)
+  full = _ours(cfg.replace(sliding_window=None), params, tokens)
+  assert np.abs(full - _hf(m, tokens)).max() > 1e-2   # the window really changes the result beyond 8 tokens
+  # Switched off by the config, as the paper runs Mistral: lrjax then attends over the whole window.
+  cfg_off = weights.load_model(str(tmp_path / "ref"), sliding_window=None)[0]
+  assert cfg_off.sliding_window is None

@@ -13,7 +13,8 @@ _NUMBER = schema.FLOAT
 
 SCHEMA = {
     "stage": schema.Key(str, choices=STAGES), "model": schema.STR, "dtype": schema.STR, "attention": schema.STR,
-    "block_q": schema.POSITIVE_INT, "block_k": schema.POSITIVE_INT, "resume": schema.BOOL, "progress": schema.BOOL,
+    "block_q": schema.POSITIVE_INT, "block_k": schema.POSITIVE_INT, "sliding_window": schema.Key(int, minimum=-1),
+    "resume": schema.BOOL, "progress": schema.BOOL,
     "base_factors": schema.STR, "base_length": schema.NON_NEGATIVE_INT, "short_lengths": schema.SEQUENCE,
     "dry_run": schema.BOOL,
     "layout": {"model": schema.Key(object), "mesh": schema.Key(object), "device_memory_gb": _NUMBER},

@@ -184,7 +184,8 @@ def main(config, workdir: str) -> dict | SearchResult:
   from lrjax import weights
   try:
     model_config, params = weights.load_model(config.model, dtype=config.dtype, attention=config.attention,
-                                              block_q=config.block_q, block_k=config.block_k)
+                                              block_q=config.block_q, block_k=config.block_k,
+                                              sliding_window=config.sliding_window)
   except ValueError as e:
     raise SearchError(str(e)) from None
   tokenizer = weights.model_tokenizer(config.model, config.data.tokenizer)

@@ -84,12 +84,16 @@ def model_path(spec: str) -> str:
 def load_model(spec: str, **execution) -> tuple[model_lib.ModelConfig, dict]:
   """(ModelConfig with execution settings applied, host params) of a config's `model` ("builtin" or a path).
 
-  execution: ModelConfig fields that do not change the weights (dtype, attention, block_q, block_k, ...).
+  execution: ModelConfig fields that do not change the weights (dtype, attention, block_q, block_k, ...);
+  sliding_window as experiment configs give it: -1 keeps the checkpoint's, 0 (or None) switches it off (as the
+  LongRoPE paper runs Mistral), N sets a window of N tokens.
   """
   cfg, params = load(model_path(spec))
+  if "sliding_window" in execution:
+    window = execution.pop("sliding_window")
+    if window != -1:
+      execution["sliding_window"] = int(window) if window else None
   return cfg.replace(**execution), params
-
-
 
 
 def model_tokenizer(model: str, tokenizer: str = "auto"):
