@@ -20,9 +20,17 @@ def base_config() -> ml_collections.ConfigDict:
       rms_norm_eps=1e-6, dtype="float32", param_dtype="float32", attention="xla", block_q=512,
       block_k=512, scan_layers=True, remat="none"))
   c.init = ""  # "" = random init; else a model lrjax.weights.load reads (HF directory, ...)
-  # separator None: the tokenizer's EOS, or the NUL byte [0] for the byte tokenizer (see lrjax.packing).
+  # Training input (lrjax.stream, lrjax.train.feed): one source (an lrjax.data source, tokenized at start-up, or
+  # a directory prepared by experiments/prepare_data.py), or a weighted mixture [{path, weight, min_tokens,
+  # max_tokens}]; separator None: the tokenizer's EOS, or the NUL byte [0] for the byte tokenizer.
   c.data = ml_collections.ConfigDict(dict(source="builtin:train", tokenizer="byte", separator=None))
   c.data.separator = ml_collections.FieldReference(None, field_type=tuple)
+  c.data.mixture = []
+  c.data.document_mask = False        # attention within each packed document only (default: the paper's)
+  c.data.reset_positions = False      # positions restart at 0 in each document
+  c.data.mixed_original_length = 0    # LongRoPE2 mixed window: documents <= this many tokens keep the original
+  #                                     RoPE (needs reset_positions and, as LongRoPE2, document_mask)
+  c.data.num_workers = 0              # grain prefetch processes
   c.batch_size = 16  # sequences per optimizer step (global)
   c.accumulation = 1  # microbatches per step
   c.optimizer = ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0))

@@ -20,6 +20,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from lrjax import sharding as sharding_lib
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +31,9 @@ class CheckpointError(ValueError):
   """A checkpoint that cannot be used (wrong shapes, unreadable); the message names the problem."""
 
 
-def _path_name(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def _leaf_shapes(tree: Any) -> dict[str, tuple]:
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {_path_name(p): tuple(getattr(x, "shape", np.shape(x))) for p, x in leaves}
+  return {sharding_lib.path_name(p): tuple(getattr(x, "shape", np.shape(x))) for p, x in leaves}
 
 
 class Checkpointer:
@@ -47,7 +46,8 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    # epath, not os.path: a gs:// directory must stay remote (orbax writes it through tensorstore).
+    self.directory = epath.Path(directory) if "://" in str(directory) else epath.Path(os.path.abspath(directory))
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options,

@@ -111,7 +111,7 @@ def dry_run_train(config: ml_collections.ConfigDict, *, memory_budget: float) ->
     with sharding_lib.mesh_context(mesh):
       state_sh = train_lib.state_shardings(mesh, abstract, optimizer)
       state = jax.tree.map(lambda a, s: _abstract(a.shape, a.dtype, s), abstract, state_sh)
-      batch_sh = train_lib.batch_shardings(mesh)
+      batch_sh = train_lib.batch_sharding(mesh)
       batch = {k: _abstract((micro, b, stage.length), jnp.float32 if k == "weights" else jnp.int32, batch_sh)
                for k in ("inputs", "targets", "positions", "weights")}
       rope = _abstract_rope(model_cfg, NamedSharding(mesh, P()))

@@ -28,14 +28,22 @@ import numpy as np
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
   """Writes `data` to a temp file beside `path`, fsyncs, then renames it over `path`: a reader (or a crash)
-  sees the old file or the new one, never half of one."""
+  sees the old file or the new one, never half of one. A non-local path (gs://...) is written through
+  etils.epath, as one object (object stores replace whole objects atomically)."""
+  data = data.encode("utf-8") if isinstance(data, str) else data
+  if "://" in os.fspath(path):
+    from etils import epath
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
   try:
     with os.fdopen(fd, "wb") as f:
-      f.write(data.encode("utf-8") if isinstance(data, str) else data)
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -113,8 +121,9 @@ def format_table(rows: Sequence[Any], columns: Sequence[Any], cell: Callable[[An
 
 def line_plot(path: str | os.PathLike, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
               xlabel: str = "", ylabel: str = "", title: str = "", logx: bool | int = False, logy: bool = False,
-              xticks: Sequence[float] | None = None, markers: bool = True) -> None:
-  """Curves {label: (xs, ys)} into a PNG. logx may be a base (2 for lengths). Non-finite points are skipped."""
+              xticks: Sequence[float] | None = None, markers: bool = True, vlines: Sequence[float] = ()) -> None:
+  """Curves {label: (xs, ys)} into a PNG. logx may be a base (2 for lengths). Non-finite points are skipped;
+  vlines are dashed vertical markers (e.g. stage starts)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -127,6 +136,8 @@ def line_plot(path: str | os.PathLike, series: Mapping[str, tuple[Sequence[float
       if logy:
         ok &= ys > 0
       ax.plot(xs[ok], ys[ok], marker="o" if markers else None, markersize=3.5, label=str(label))
+    for x in vlines:
+      ax.axvline(x, color="gray", ls="--", lw=0.8)
     if logx:
       ax.set_xscale("log", base=2 if logx is True else logx)
     if logy:

@@ -134,7 +134,8 @@ def logical_to_spec(axes: Sequence[str | None], mesh: Mesh,
   return nn.logical_to_mesh_axes(tuple(axes), logical_rules(mesh, rules))
 
 
-def _path_name(path) -> str:
+def path_name(path) -> str:
+  """"a/b/c" of a pytree key path (the names PARAM_AXES uses)."""
   parts = []
   for k in path:
     parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
@@ -159,7 +160,7 @@ def param_shardings(mesh: Mesh, params: Any, rules: Sequence[tuple[str, Any]] | 
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   missing, problems, out = [], [], []
   for path, leaf in leaves:
-    name = _path_name(path)
+    name = path_name(path)
     logical = param_axes.get(name)
     if logical is None:
       missing.append(name)

@@ -12,6 +12,7 @@ leaves a half-written checkpoint, and an existing non-empty directory is only re
   gguf      llama.cpp GGUF files (dequantised; tokenizer from the metadata)
   native    orbax + lrjax_config.json
   registry  which format a path holds; load any; named models ("builtin", "smollm2")
+  sharded   HF safetensors straight into sharded params, each process reading only its slices
   conversion any format -> hf | meta | native, with a RoPE setting written into the config
 """
 
@@ -21,5 +22,6 @@ from lrjax.weights.conversion import FORMATS, convert
 from lrjax.weights.hf import load_hf, parse_size, read_config, save_hf
 from lrjax.weights.meta import hf_to_meta_qk, load_meta, meta_intermediate_size, meta_to_hf_qk, save_meta
 from lrjax.weights.native import config_from_dict, config_to_dict, load_native, save_native
+from lrjax.weights.sharded import load_sharded
 from lrjax.weights.registry import (BUILTIN_MODEL, SMOLLM2_FILE, checkpoint_format, load, load_model,
                                         model_path, model_tokenizer, original_length_of, smollm2_path)
