@@ -46,13 +46,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.base_length = 0               # second: fine-tuning length; short: the long target (HF max_position_embeddings)
   c.short_lengths = ()            # short: lengths to search (each its own bucket)
   # Hardware of a paper-scale run, read by --config.dry_run=True (lrjax.dryrun): compiles the fitness program
-  # with abstract weights on simulated devices laid out as `mesh`, prints per-device memory and FLOPs, and
+  # with abstract weights on simulated devices laid out as config.mesh, prints per-device memory and FLOPs, and
   # fails when it exceeds device_memory_gb.
   c.dry_run = False
   c.layout = ml_collections.ConfigDict(dict(
       model=ml_collections.ConfigDict(),  # architecture (ModelConfig fields), e.g. configs.finetune.LLAMA2_7B
-      mesh=ml_collections.ConfigDict(dict(data=1, fsdp=1, sequence=1, tensor=1)),
       device_memory_gb=0.0))
+  # The devices the search runs on (and its dry run compiles for): candidates over data, documents over fsdp,
+  # each document's tokens over sequence (ring attention). All ones: one device, no mesh.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, sequence=1, tensor=1))
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "builtin:valid"
@@ -100,7 +102,6 @@ def base_config() -> ml_collections.ConfigDict:
   # Execution.
   s.candidates_per_call = 1       # C candidates per compiled call (jax.vmap over stacked RopeArrays)
   s.doc_batch = 1                 # documents per call
-  s.shard_candidates = False      # shard the C axis over all devices (mesh axis "data")
   return c
 
 
@@ -128,7 +129,7 @@ def _paper_llama2(c, target):
   c.block_q = c.block_k = 2048
   # 8 x H100 (80 GB): every document's tokens split over the 8 GPUs, weights sharded alike.
   c.layout.model = ml_collections.ConfigDict(finetune.LLAMA2_7B)
-  c.layout.mesh.update(data=1, fsdp=1, sequence=8, tensor=1)
+  c.mesh.update(data=1, fsdp=1, sequence=8, tensor=1)
   c.layout.device_memory_gb = 80.0
   # 5 PG19 validation books of >= target tokens (TFDS pg19 prepared under data_dir).
   c.data.source = "tfds:pg19?split=validation&field=book_text&data_dir=/path/to/tensorflow_datasets"

@@ -97,26 +97,33 @@ def _analyse(name: str, compiled, *, tokens: int, flops: float, devices: int, se
 
 
 def dry_run_train(config: ml_collections.ConfigDict, *, memory_budget: float) -> list[dict]:
-  """Compile every stage's train step on the config's mesh (simulated devices); one row per stage."""
+  """Compile every stage's train step on the config's mesh (simulated devices), exactly the jitted function
+  lrjax.train's loop calls (same builder, same shardings), with abstract arguments; one row per stage."""
+  from lrjax.train import feed as feed_lib
+  from lrjax.train import optim
   model_cfg = train_lib.model_config(config)
   stages = train_lib.parse_stages(config, model_cfg)
   mesh = sharding_lib.make_mesh(config.mesh)
+  keys = feed_lib.batch_keys(feed_lib.stream_options(config.data))
   rows = []
   for stage in stages:
     micro = config.accumulation
     b = config.batch_size // micro
-    sharding_lib.validate(mesh, batch=b, length=stage.length, config=model_cfg)
+    feed_lib.check_batch(config.batch_size, micro, mesh)
+    sharding_lib.validate(mesh, batch=b, length=stage.length, config=model_cfg,
+                          order=train_lib.balance_order(model_cfg, mesh))
     optimizer = train_lib.make_optimizer(config.optimizer, stage)
     abstract = jax.eval_shape(lambda k: train_lib.init_state(model_cfg, optimizer, k), jax.random.PRNGKey(0))
     with sharding_lib.mesh_context(mesh):
       state_sh = train_lib.state_shardings(mesh, abstract, optimizer)
       state = jax.tree.map(lambda a, s: _abstract(a.shape, a.dtype, s), abstract, state_sh)
       batch_sh = train_lib.batch_sharding(mesh)
-      batch = {k: _abstract((micro, b, stage.length), jnp.float32 if k == "weights" else jnp.int32, batch_sh)
-               for k in ("inputs", "targets", "positions", "weights")}
+      dtypes = {"weights": jnp.float32, "original_rope": jnp.bool_}
+      batch = {k: _abstract((micro, b, stage.length), dtypes.get(k, jnp.int32), batch_sh) for k in keys}
       rope = _abstract_rope(model_cfg, NamedSharding(mesh, P()))
-      step = train_lib.jit_train_step(train_lib.make_train_step(model_cfg, optimizer,
-                                                                loss_chunk=config.loss_chunk), mesh, state_sh)
+      step = train_lib.jit_train_step(
+          train_lib.make_train_step(model_cfg, optimizer, loss_chunk=config.loss_chunk,
+                                    schedule=optim.learning_rate_schedule(stage)), mesh, state_sh)
       start = time.time()
       compiled = step.lower(state, batch, rope).compile()
     tokens = b * stage.length  # one microbatch: the compiled program
@@ -126,28 +133,40 @@ def dry_run_train(config: ml_collections.ConfigDict, *, memory_budget: float) ->
   return rows
 
 
+def _abstract_params(model_cfg: model_lib.ModelConfig, mesh, rules=None):
+  params_abs = jax.eval_shape(lambda k: model_lib.init_params(model_cfg, k), jax.random.PRNGKey(0))
+  p_sh = sharding_lib.param_shardings(mesh, params_abs, rules)
+  return jax.tree.map(lambda a, s: _abstract(a.shape, a.dtype, s), params_abs, p_sh)
+
+
 def dry_run_eval(model_cfg: model_lib.ModelConfig, mesh_config, *, lengths, batch: int,
                  memory_budget: float, candidates: int = 0) -> list[dict]:
-  """Compile the perplexity (or, with candidates > 0, the population-parallel fitness) program per length."""
+  """Compile, per length, the program the real run calls: lrjax.perplexity.compiled_window_nll (evaluation) or,
+  with candidates > 0, the search's fitness program (lrjax.search.fitness.make_nll_fn), under the mesh."""
+  from lrjax.search import fitness as fitness_lib
   mesh = sharding_lib.make_mesh(mesh_config)
-  params_abs = jax.eval_shape(lambda k: model_lib.init_params(model_cfg, k), jax.random.PRNGKey(0))
   rows = []
   for length in lengths:
-    sharding_lib.validate(mesh, batch=batch, length=length, config=model_cfg)
-    with sharding_lib.mesh_context(mesh):
-      p_sh = sharding_lib.param_shardings(mesh, params_abs)
-      params = jax.tree.map(lambda a, s: _abstract(a.shape, a.dtype, s), params_abs, p_sh)
-      tok_sh = sharding_lib.batch_sharding(mesh)
-      tokens = _abstract((batch, length), jnp.int32, tok_sh)
-      replicated = NamedSharding(mesh, P())
-      rope = _abstract_rope(model_cfg, replicated)
-      if candidates:
-        rope = jax.tree.map(lambda a: _abstract((candidates,) + a.shape, a.dtype, replicated), rope)
-        fn = jax.jit(lambda p, t, r: jax.vmap(lambda rr: perplexity.window_nll(model_cfg, p, t, rr))(r))
-      else:
-        fn = jax.jit(lambda p, t, r: perplexity.window_nll(model_cfg, p, t, r))
-      start = time.time()
-      compiled = fn.lower(params, tokens, rope).compile()
+    replicated = NamedSharding(mesh, P())
+    rope = _abstract_rope(model_cfg, replicated)
+    if candidates:
+      fn = fitness_lib.make_nll_fn(model_cfg, candidates=candidates, mesh=mesh)
+      rows_axis = "fsdp" if "fsdp" in mesh.axis_names else None
+      params = _abstract_params(model_cfg, mesh, fitness_lib.fitness_rules(mesh))
+      tokens = _abstract((batch, length), jnp.int32, NamedSharding(mesh, P(rows_axis, sharding_lib.SEQUENCE_AXIS)))
+      c_sh = NamedSharding(mesh, P("data" if candidates > 1 else None))
+      rope = jax.tree.map(lambda a: _abstract((candidates,) + a.shape, a.dtype, c_sh), rope) \
+          if candidates > 1 else rope
+      args = (params, tokens, None, rope)
+    else:
+      sharding_lib.validate(mesh, batch=batch, length=length, config=model_cfg)
+      fn = perplexity.compiled_window_nll(model_cfg, mesh)
+      params = _abstract_params(model_cfg, mesh)
+      tokens = _abstract((batch, length), jnp.int32, sharding_lib.batch_sharding(mesh))
+      weights = _abstract((batch, length - 1), jnp.float32, NamedSharding(mesh, P(sharding_lib.batch_spec(mesh)[0])))
+      args = (params, tokens, rope, weights)
+    start = time.time()
+    compiled = fn.lower(*args).compile()
     what = f"fitness x{candidates}" if candidates else "perplexity"
     # Forward only: a third of the training FLOPs per token, per candidate.
     flops = batch * length * train_lib.flops_per_token(model_cfg, length) / 3 * max(candidates, 1)
@@ -218,8 +237,8 @@ def train_main(config: ml_collections.ConfigDict, *, max_devices: int = 8) -> st
 
 
 def search_main(config: ml_collections.ConfigDict) -> str:
-  """experiments/search.py --config.dry_run=True: the fitness program at each searched length, on
-  config.layout (architecture, mesh, device memory), with abstract weights. Returns the report."""
+  """experiments/search.py --config.dry_run=True: the fitness program at each searched length on config.mesh
+  (the search's own mesh), with config.layout's architecture and device memory and abstract weights."""
   layout = config.layout
   if not layout.model:
     raise DryRunError("config.layout.model (the architecture) is needed for a dry run")
@@ -227,11 +246,10 @@ def search_main(config: ml_collections.ConfigDict) -> str:
       int(config.search.target_length)]
   model = dict(layout.model.to_dict(), dtype=config.dtype, attention=config.attention, block_q=config.block_q,
                block_k=config.block_k)
-  candidates = int(config.search.candidates_per_call)
-  payload = {"model": model, "mesh": layout.mesh.to_dict(), "lengths": lengths,
-             "batch": int(config.search.doc_batch), "candidates": candidates if candidates > 1 else 0}
+  payload = {"model": model, "mesh": config.mesh.to_dict(), "lengths": lengths,
+             "batch": int(config.search.doc_batch), "candidates": int(config.search.candidates_per_call)}
   budget = float(layout.device_memory_gb) * GiB
-  rows = run_in_subprocess("eval", payload, mesh_devices(layout.mesh))
+  rows = run_in_subprocess("eval", payload, mesh_devices(config.mesh))
   check(rows, budget)
   return format_rows(rows, budget)
 

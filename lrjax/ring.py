@@ -199,17 +199,27 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k
   return _ring_attention(kernel, axis_name, q, k, v, q_pos, k_pos, q_segment, k_segment)
 
 
+def batch_axes(mesh, axis_name: str) -> tuple[str, ...]:
+  """The mesh axes a sequence's batch dim is split over: what the active logical rules give "batch" (a search
+  that puts candidates on the data axis maps batch to fsdp only), else BATCH_AXES; never the ring's own axis."""
+  import flax.linen as nn  # the model's logical rules (lrjax.axes / sharding.mesh_context) are flax's
+  rules = dict(nn.get_logical_axis_rules() or ())
+  chosen = rules.get("batch", axes.BATCH_AXES)
+  chosen = (chosen,) if isinstance(chosen, str) else tuple(chosen or ())
+  return tuple(a for a in chosen if a in mesh.axis_names and a != axis_name)
+
+
 def _problems(mesh, axis_name, q, k, v, q_pos, k_pos, q_segment, k_segment):
   """Human-readable reasons why these global shapes cannot be sharded over the ring (empty: they can)."""
   names = tuple(mesh.axis_names)
   if axis_name not in names:
     return [f"ring axis {axis_name!r} is not in the mesh axes {names}"]
-  batch_axes = tuple(a for a in axes.BATCH_AXES if a in names and a != axis_name)
+  batch = batch_axes(mesh, axis_name)
   head_axis = axes.TENSOR_AXIS if axes.TENSOR_AXIS in names else None
   size = lambda axes: math.prod(mesh.shape[a] for a in axes)
   b, t, n_heads, _ = q.shape
   s, kv_heads = k.shape[1], k.shape[2]
-  ring, n_batch, n_tp = mesh.shape[axis_name], size(batch_axes), size((head_axis,) if head_axis else ())
+  ring, n_batch, n_tp = mesh.shape[axis_name], size(batch), size((head_axis,) if head_axis else ())
   problems = []
   if k.shape != v.shape or k.shape[0] != b:
     problems.append(f"k {k.shape} and v {v.shape} must match each other and q's batch {b}")
@@ -222,7 +232,7 @@ def _problems(mesh, axis_name, q, k, v, q_pos, k_pos, q_segment, k_segment):
   if t % ring or s % ring:
     problems.append(f"lengths (q {t}, k {s}) are not divisible by ring axis {axis_name!r} of size {ring}")
   if b % n_batch:
-    problems.append(f"batch {b} is not divisible by {batch_axes} of size {n_batch}")
+    problems.append(f"batch {b} is not divisible by {batch} of size {n_batch}")
   if n_heads % n_tp or kv_heads % n_tp:
     problems.append(f"heads (q {n_heads}, kv {kv_heads}) are not divisible by {head_axis!r} of size {n_tp}")
   if n_heads % kv_heads:
@@ -258,7 +268,7 @@ def ring_attention_sharded(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.
   if problems:
     raise RingError("ring attention: " + "; ".join(problems))
   names = tuple(mesh.axis_names)
-  batch = tuple(a for a in axes.BATCH_AXES if a in names and a != axis_name) or None
+  batch = batch_axes(mesh, axis_name) or None
   x_spec = P(batch, axis_name, axes.TENSOR_AXIS if axes.TENSOR_AXIS in names else None, None)
   pos_spec = P(batch, axis_name)
   seg_spec = None if q_segment is None else pos_spec

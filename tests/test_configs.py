@@ -75,3 +75,106 @@ def test_evaluate_configs_run_end_to_end(variant, tmp_path):
     cell = next(cell for cell in out["cells"] if cell["length"] == 32)
     assert len(chosen) == 3 and cell["num_windows"] == sum(-(-lengths[i] // 1024) for i in chosen)
     assert cell["count"] == 31 * cell["num_windows"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Search and fine-tuning: the paper configs on their own mesh shapes (8 simulated devices), scaled by 1/256.
+
+from configs import finetune as finetune_configs  # noqa: E402
+from configs import search as search_configs  # noqa: E402
+from lrjax import dryrun, search, train  # noqa: E402
+
+RATIO = 256
+SEARCH = ["tiny", "tiny_longrope2", "tiny_needle", "tiny_temperature", "tiny_second", "tiny_short", "llama2_128k",
+          "llama2_256k", "llama2_2048k", "llama2_short", "mistral_128k", "mistral_256k", "smollm2"]
+
+
+def paper_model(tmp_path, window: int):
+  """A random tiny LLaMA with head_dim 128 (64 rotary pairs, as LLaMA2-7B: the published factor tables fit)."""
+  cfg = model.ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=128, num_layers=1, num_heads=1,
+                          num_kv_heads=1, head_dim=128, max_position_embeddings=window)
+  path = tmp_path / "paper_model"
+  weights.save_hf(path, cfg, jax.tree.map(np.asarray, model.init_params(cfg, jax.random.PRNGKey(0))))
+  return str(path)
+
+
+def scale_search(c, ratio, tmp_path):
+  s = c.search
+  paper = s.original_length >= 4096 or c.model == "smollm2"
+  if paper:
+    window = (s.original_length or 8192) // ratio
+    s.target_length //= ratio
+    s.original_length = window
+    c.base_length //= ratio
+    c.short_lengths = tuple(n // ratio for n in c.short_lengths)
+    c.block_q = c.block_k = min(c.block_q, 64)
+    c.model = paper_model(tmp_path, window)
+    c.data.tokenizer = "byte"
+    c.data.source = "builtin:valid"
+  if c.base_factors.startswith("REQUIRED") or c.base_factors.startswith("/path"):
+    base = tmp_path / "base.json"
+    rope_lib = __import__("lrjax.rope", fromlist=["rope"])
+    from lrjax import factors
+    half = 64 if paper else 32
+    factors.save(base, rope_lib.RopeScaling(method="longrope", factor=float(c.base_length / (s.original_length or 256)),
+                                            original_max_position_embeddings=s.original_length or 256,
+                                            long_factor=np.linspace(1, 4, half)), target_length=c.base_length)
+    c.base_factors = str(base)
+  s.population, s.mutations, s.crossovers, s.parents, s.iterations = 8, 1, 0, 8, 0  # generation 0 only
+  s.candidates_per_call = max(c.mesh.data, 1) if c.mesh.data > 1 else 1
+  c.data.num_documents = min(c.data.num_documents, 2)
+  c.progress = False
+  return c
+
+
+@pytest.mark.parametrize("variant", SEARCH)
+def test_search_configs_run_on_their_mesh(variant, tmp_path):
+  """One real generation of every search config on its mesh shape (ring over 8 devices for the paper ones):
+  the fitness program the dry run compiles also evaluates, and the seeds' fitness is finite."""
+  c = scale_search(search_configs.get_config(variant), RATIO, tmp_path)
+  result = search.main(c, str(tmp_path / "out"))
+  results = result if isinstance(result, dict) else {None: result}
+  for r in (v for k, v in results.items() if k != "scaling"):
+    assert all(np.isfinite(v) for v in r.seed_fitness.values()), r.seed_fitness
+  if c.mesh.sequence > 1:
+    assert search.search_mesh(c).shape["sequence"] == 8 and c.attention == "ring"
+
+
+FINETUNE = ["tiny", "llama2", "llama2_v5p", "mistral", "mistral_v5p"]
+
+
+@pytest.mark.parametrize("variant", FINETUNE)
+def test_finetune_configs_run_on_their_mesh(variant, tmp_path):
+  """Two steps of every stage of each fine-tuning recipe, on its mesh shape (a pod layout on an 8-device slice of
+  its data axis, as the dry run checks it), with the published factor tables where the recipe names them."""
+  c = finetune_configs.get_config(variant)
+  if variant == "tiny":  # batch 4 on one CPU device; here 8 simulated devices: 4 data rows x 2 tensor shards
+    c.mesh.update(data=4, tensor=2)
+  else:
+    c, _ = dryrun.fit_to_devices(c, 8)
+    window = 4096 // RATIO
+    c.init = paper_model(tmp_path, window)
+    c.model.update(vocab_size=256, hidden_size=128, intermediate_size=128, num_layers=1, num_heads=1,
+                   num_kv_heads=1, head_dim=128, max_position_embeddings=window, original_max_position_embeddings=None,
+                   rms_norm_eps=1e-6,
+                   block_q=64, block_k=64, dtype="float32", remat="none")
+    c.data.update(source="builtin:train", tokenizer="byte")
+    c.loss_chunk = 64
+    for stage in c.stages:
+      stage.length //= RATIO
+      if stage.rope.startswith("/path"):  # the recipe's own searched factors: a stand-in file
+        from lrjax import factors, rope as rope_lib
+        path = tmp_path / f"factors_{stage.length}.json"
+        factors.save(path, rope_lib.RopeScaling(method="longrope", long_factor=np.linspace(1, 8, 64),
+                                                factor=stage.length / window,
+                                                original_max_position_embeddings=window),
+                     target_length=stage.length)
+        stage.rope = str(path)
+  for stage in c.stages:
+    stage.steps, stage.warmup_steps = 2, 0
+  c.checkpoint_every, c.peak_flops = 100, 1.0
+  for key in ("dry_run", "device_memory_gb"):
+    if key in c:
+      del c[key]
+  out = train.train(c, str(tmp_path / "run"), report=lambda _: None, progress=False)
+  assert out["step"] == 2 * len(c.stages) and np.isfinite(out["loss"])

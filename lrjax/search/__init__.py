@@ -20,4 +20,4 @@ from lrjax.search.space import (PAPER_N_HAT_CHOICES, SEED_METHODS, SearchError, 
                                     genome_key, genome_n_hat, genome_temperature, is_valid, method_factors, mutate,
                                     searched_factors)
 from lrjax.search.stages import (STATE_FILE, SearchResult, describe, fitness_documents, load_base, main, run,
-                                     run_short)
+                                     run_short, search_mesh)

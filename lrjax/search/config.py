@@ -17,7 +17,8 @@ SCHEMA = {
     "resume": schema.BOOL, "progress": schema.BOOL,
     "base_factors": schema.STR, "base_length": schema.NON_NEGATIVE_INT, "short_lengths": schema.SEQUENCE,
     "dry_run": schema.BOOL,
-    "layout": {"model": schema.Key(object), "mesh": schema.Key(object), "device_memory_gb": _NUMBER},
+    "layout": {"model": schema.Key(object), "device_memory_gb": _NUMBER},
+    "mesh": {"data": schema.INT, "fsdp": schema.INT, "sequence": schema.INT, "tensor": schema.INT},
     "data": {"source": schema.STR, "tokenizer": schema.STR, "num_documents": schema.POSITIVE_INT,
              "sample_documents": schema.BOOL, "fitness": schema.Key(str, choices=FITNESS_KINDS),
              "needle_seed": schema.INT},
@@ -34,8 +35,7 @@ SCHEMA = {
         "search_temperature": schema.BOOL, "temperature_range": schema.SEQUENCE, "temperature_step": _NUMBER,
         "seeds": schema.SEQUENCE, "yarn_beta_fast": _NUMBER, "yarn_beta_slow": _NUMBER,
         "init_factors": schema.SEQUENCE, "critical_dim": schema.BOOL, "critical_dim_range": schema.SEQUENCE,
-        "seed": schema.INT, "candidates_per_call": schema.POSITIVE_INT, "doc_batch": schema.POSITIVE_INT,
-        "shard_candidates": schema.BOOL},
+        "seed": schema.INT, "candidates_per_call": schema.POSITIVE_INT, "doc_batch": schema.POSITIVE_INT},
 }
 
 

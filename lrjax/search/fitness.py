@@ -88,23 +88,32 @@ class CompileCounter:
 
 
 @functools.lru_cache(maxsize=32)
-def cached_nll_fn(model_config, candidates: int, window_nll: Callable | None = None, mesh=None,
-                  axis: str = "data") -> tuple[Callable, CompileCounter]:
+def cached_nll_fn(model_config, candidates: int, window_nll: Callable | None = None, mesh=None
+                  ) -> tuple[Callable, CompileCounter]:
   """make_nll_fn shared by every search on the same model shape and chunk size (so repeated searches in one
   process, e.g. the demo's stages, compile once); returns (fn, its trace counter)."""
   counter = CompileCounter()
-  return make_nll_fn(model_config, candidates=candidates, counter=counter, window_nll=window_nll, mesh=mesh,
-                     axis=axis), counter
+  return make_nll_fn(model_config, candidates=candidates, counter=counter, window_nll=window_nll,
+                     mesh=mesh), counter
+
+
+def fitness_rules(mesh) -> tuple:
+  """Logical rules of the fitness program under a mesh: candidates take the data axis, so a sequence's batch
+  dim goes over fsdp only (the sequence axis stays the ring's)."""
+  from lrjax import sharding as sharding_lib
+  return tuple(("batch", "fsdp") if name == "batch" else (name, mesh_axes)
+               for name, mesh_axes in sharding_lib.LOGICAL_RULES)
 
 
 def make_nll_fn(model_config, *, candidates: int, counter: CompileCounter | None = None,
-                window_nll: Callable | None = None, mesh=None, axis: str = "data") -> Callable:
+                window_nll: Callable | None = None, mesh=None) -> Callable:
   """A jitted fn(params, tokens i32[b,t], weights f32[b,t-1] | None, rope) -> (nll_sum, count).
 
   candidates > 1: `rope` is a stacked RopeArrays with leading axis C and outputs are f32[C, b] (jax.vmap over
   candidates; the batch of documents is shared). candidates == 1: one unstacked RopeArrays, outputs f32[b].
-  With `mesh`, the C axis is split over mesh axis `axis` (jax.shard_map: each device vmaps over its share,
-  params and tokens replicated).
+  With `mesh`, the program is traced under it: candidates split over its data axis (vmap's spmd axis),
+  documents over fsdp, the sequence over the sequence axis (ring attention when the model asks for it),
+  parameters by lrjax.sharding's rules.
   """
   window_nll = perplexity.window_nll if window_nll is None else window_nll
   counter = counter if counter is not None else CompileCounter()
@@ -112,19 +121,28 @@ def make_nll_fn(model_config, *, candidates: int, counter: CompileCounter | None
   def one(params, tokens, weights, rope):
     return window_nll(model_config, params, tokens, rope, weights=weights)
 
-  def many(params, tokens, weights, rope):
-    return jax.vmap(one, in_axes=(None, None, None, 0))(params, tokens, weights, rope)
-
-  if candidates > 1 and mesh is not None:
-    # check_vma=False: the blockwise attention's lax.cond mixes device-varying and invariant carries, which the
-    # varying-manual-axes checker rejects although every candidate's computation is purely local.
-    many = jax.shard_map(many, mesh=mesh, in_specs=(P(), P(), P(), P(axis)), out_specs=P(axis), check_vma=False)
+  spmd = "data" if mesh is not None and "data" in mesh.axis_names and candidates > 1 else None
+  many = jax.vmap(one, in_axes=(None, None, None, 0), spmd_axis_name=spmd)
 
   def fn(params, tokens, weights, rope):
     counter.count += 1  # Python side effect: runs once per trace, i.e. once per compilation
     return (one if candidates == 1 else many)(params, tokens, weights, rope)
 
-  return jax.jit(fn)
+  jitted = jax.jit(fn)
+  if mesh is None:
+    return jitted
+  from lrjax import sharding as sharding_lib
+
+  def run(params, tokens, weights, rope):
+    with sharding_lib.mesh_context(mesh, fitness_rules(mesh)):
+      return jitted(params, tokens, weights, rope)
+
+  def lower(*args):  # the dry run compiles exactly this program
+    with sharding_lib.mesh_context(mesh, fitness_rules(mesh)):
+      return jitted.lower(*args)
+
+  run.lower = lower
+  return run
 
 
 class PerplexityFitness:
@@ -134,12 +152,12 @@ class PerplexityFitness:
   token is scored); window_nll gets the target-aligned f32[b, L-1] = weights[:, 1:] (target j is token j+1).
   Candidates go C at a time (the last chunk padded by repeating its first candidate), documents b at a time
   (the last batch padded and masked), so every call has the same shapes: one compilation for the search.
-  With `mesh`, the candidate axis is sharded over mesh axis `axis` (C must be a multiple of its size).
+  With `mesh` (see make_nll_fn), the candidates are split over its data axis (C must be a multiple of its
+  size), documents over fsdp, each document's tokens over the sequence axis.
   """
 
   def __init__(self, model_config, params, windows: np.ndarray, weights: np.ndarray | None = None, *,
-               candidates_per_call: int = 1, doc_batch: int = 1, mesh=None, axis: str = "data",
-               window_nll: Callable | None = None):
+               candidates_per_call: int = 1, doc_batch: int = 1, mesh=None, window_nll: Callable | None = None):
     windows = np.asarray(windows, np.int32)
     n = windows.shape[0]
     if candidates_per_call < 1 or doc_batch < 1:
@@ -147,7 +165,7 @@ class PerplexityFitness:
     self.candidates = int(candidates_per_call)
     self.doc_batch = min(int(doc_batch), n)
     self.num_documents = n
-    self._fn, self._counter = cached_nll_fn(model_config, self.candidates, window_nll, mesh, axis)
+    self._fn, self._counter = cached_nll_fn(model_config, self.candidates, window_nll, mesh)
     self._compiles_before = self._counter.count
     pad = (-n) % self.doc_batch
     self._valid = np.concatenate([np.ones(n, bool), np.zeros(pad, bool)])
@@ -155,18 +173,24 @@ class PerplexityFitness:
     if weights is not None:
       weights = np.asarray(weights, np.float32)[:, 1:]
       weights = np.concatenate([weights, np.repeat(weights[:1], pad, 0)])
-    self._rope_sharding, replicated = None, None
+    self._rope_sharding, put, put_tokens = None, jax.device_put, jax.device_put
+    self._params = jax.tree.map(jax.device_put, params)
     if mesh is not None:
-      size = mesh.shape[axis]
-      if self.candidates % size:
-        raise SearchError(f"candidates_per_call {self.candidates} is not a multiple of the {size} devices "
-                          f"on mesh axis {axis!r}")
-      self._rope_sharding = NamedSharding(mesh, P(axis))
-      replicated = NamedSharding(mesh, P())
-    put = lambda x: jax.device_put(x, replicated)
-    self._params = jax.tree.map(put, params)
+      from lrjax import sharding as sharding_lib
+      size = mesh.shape.get("data", 1)
+      if self.candidates > 1 and self.candidates % size:
+        raise SearchError(f"candidates_per_call {self.candidates} is not a multiple of the mesh's data axis "
+                          f"({size} devices): candidates are split over it")
+      self._rope_sharding = NamedSharding(mesh, P("data" if self.candidates > 1 and "data" in mesh.axis_names
+                                                  else None))
+      with sharding_lib.mesh_context(mesh, fitness_rules(mesh)):
+        self._params = jax.device_put(params, sharding_lib.param_shardings(mesh, params))
+      rows = "fsdp" if "fsdp" in mesh.axis_names else None
+      seq = sharding_lib.SEQUENCE_AXIS if sharding_lib.SEQUENCE_AXIS in mesh.axis_names else None
+      put_tokens = lambda x: jax.device_put(x, NamedSharding(mesh, P(rows, seq)))
+      put = lambda x: jax.device_put(x, NamedSharding(mesh, P(rows)))
     b = self.doc_batch
-    self._batches = [(put(windows[i:i + b]), None if weights is None else put(weights[i:i + b]))
+    self._batches = [(put_tokens(windows[i:i + b]), None if weights is None else put(weights[i:i + b]))
                      for i in range(0, windows.shape[0], b)]
 
   @property

@@ -176,6 +176,15 @@ def fitness_documents(config, tokenizer, min_tokens: int) -> tuple[list[np.ndarr
   return [docs[i] for i in chosen], info
 
 
+def search_mesh(config):
+  """The mesh of config.mesh over all devices (-1 = the rest), or None when every size is 1 (one device)."""
+  sizes = config.mesh.to_dict()
+  if all(int(v) == 1 for v in sizes.values()):
+    return None
+  from lrjax import sharding as sharding_lib
+  return sharding_lib.make_mesh(sizes)
+
+
 def main(config, workdir: str) -> dict | SearchResult:
   """Everything experiments/search.py does: load model, tokenizer, documents and base setting, then search."""
   validate_config(config)
@@ -193,7 +202,7 @@ def main(config, workdir: str) -> dict | SearchResult:
              else [int(config.search.target_length)])
   documents, info = fitness_documents(config, tokenizer, max(lengths))
   base = load_base(config, model_config)
-  mesh = jax.make_mesh((jax.device_count(),), ("data",)) if config.search.shard_candidates else None
+  mesh = search_mesh(config)
   kw = dict(base=base, tokenizer=tokenizer, mesh=mesh, document_info=info)
   if config.stage == "short":
     return run_short(config, model_config, params, documents, workdir, **kw)

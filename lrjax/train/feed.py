@@ -22,6 +22,13 @@ from lrjax.train.config import Stage, TrainError
 from lrjax.train.step import BATCH_KEYS
 
 
+def batch_keys(options: dict) -> tuple[str, ...]:
+  """The batch arrays the step reads for these stream options (segment ids with document masks; the
+  original-RoPE flags of LongRoPE2's mixed window)."""
+  return BATCH_KEYS + (("segment_ids",) if options.get("document_mask") else ()) + \
+      (("original_rope",) if options.get("original_length") else ())
+
+
 def check_batch(batch_size: int, accumulation: int, mesh) -> int:
   """Rows each row shard contributes to one microbatch; one TrainError line naming the fix otherwise."""
   shards = sharding_lib.axis_size(mesh, tuple(a for a in sharding_lib.BATCH_AXES if a in mesh.axis_names))
@@ -62,8 +69,7 @@ class Feed:
     self.sequence = mesh.shape.get(sharding_lib.SEQUENCE_AXIS, 1)
     n_shards = self.shape[1] // self.rows
     options = dict(data_options or {})
-    self.keys = BATCH_KEYS + (("segment_ids",) if options.get("document_mask") else ()) + \
-        (("original_rope",) if options.get("original_length") else ())
+    self.keys = batch_keys(options)
     self.iterators = {s: stream_lib.batches(components, length=stage.length, global_batch=batch_size, seed=seed,
                                             shard_index=s, shard_count=n_shards, state=state, **options)
                       for s in owned_shards(sharding, self.shape, self.rows)}
