@@ -326,9 +326,9 @@ def test_sequence_parallel_training_gradients_equal_single_device(model_setup, s
   with S.mesh_context(sp_mesh):
     (loss, _), grads = jax.jit(jax.value_and_grad(_mean_nll(ring_cfg), has_aux=True))(p_sh, b_sh, rope)
   np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
-  flat_want = dict((S._path_name(p), g) for p, g in jax.tree_util.tree_flatten_with_path(want)[0])
+  flat_want = dict((S.path_name(p), g) for p, g in jax.tree_util.tree_flatten_with_path(want)[0])
   for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
-    name = S._path_name(path)
+    name = S.path_name(path)
     np.testing.assert_allclose(g, flat_want[name], atol=1e-6, rtol=1e-4, err_msg=name)
 
 
