@@ -55,7 +55,7 @@ def test_param_shardings_follow_rules(params):
       "layers/v": P(None, w, "tensor", None), "layers/o": P(None, "tensor", None, w),
       "layers/gate": P(None, w, "tensor"), "layers/up": P(None, w, "tensor"), "layers/down": P(None, "tensor", w),
   }
-  flat = {S._path_name(p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+  flat = {S.path_name(p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
   assert set(flat) == set(expected)
   for name, sharding in flat.items():
     shape = M.PARAM_AXES[name]
