@@ -242,7 +242,8 @@ def run(config, workdir: str, *, model: tuple[model_lib.ModelConfig, dict] | Non
                     "scaling": _scaling_summary(scaling), "seconds": round(time.perf_counter() - start, 3),
                     **result.to_dict(windows=bool(config.save_windows))})
       table.setdefault(row, {})[n] = result.ppl
-      _write_outputs(files, config, model_config, cells, table, lengths, chosen)
+      if jax.process_index() == 0:  # every process computes every cell; one writes
+        _write_outputs(files, config, model_config, cells, table, lengths, chosen)
   text = report.format_table(list(table), lengths, lambda r, n: table[r].get(n), row_header="setting \\ length")
   print_fn(f"{_title(config, model_config, stride)}; "
            f"{', '.join(f'{len(d)} docs from {s}' for s, d in documents.items())}:\n{text}")

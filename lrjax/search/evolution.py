@@ -21,6 +21,7 @@ import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from lrjax import report
@@ -257,6 +258,8 @@ def evolve(space: SearchSpace, evolution: Evolution, seeds: Mapping[str, np.ndar
     state = load_state(state_path, fingerprint, rng)
 
   def save():
+    if jax.process_index():  # every process evolves identically; process 0 alone writes
+      return
     if state_path:
       done = state.stopped or state.generation >= evolution.iterations
       save_state(state_path, state, rng, fingerprint=fingerprint, done=done, seeds=seeds)

@@ -88,6 +88,9 @@ def run(config, model_config, params, documents: Sequence[np.ndarray], workdir: 
   if os.path.exists(state_path) and not config.resume:
     raise SearchError(f"{workdir} already holds a search state; set resume=True to continue it, or use "
                       "another workdir")
+  if jax.process_count() > 1:  # every process has looked before process 0 writes the first state
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"lrjax.search.start {workdir}")
   start = time.perf_counter()
   result = evolution_lib.evolve(
       plan.space, plan.evolution, plan.seeds, lambda genomes: fitness([plan.rope_arrays(g) for g in genomes]),
@@ -98,7 +101,8 @@ def run(config, model_config, params, documents: Sequence[np.ndarray], workdir: 
                      seed_fitness=result.seed_fitness, evolution=result, compilations=fitness.compilations,
                      seconds=time.perf_counter() - start, workdir=workdir, num_documents=fitness.num_documents,
                      documents=document_info)
-  outputs.write_outputs(out, config)
+  if jax.process_index() == 0:
+    outputs.write_outputs(out, config)
   return out
 
 
@@ -133,9 +137,11 @@ def run_short(config, model_config, params, documents: Sequence[np.ndarray], wor
                                      "seed_fitness": {k: evolution_lib.json_fitness(v)
                                                       for k, v in r.seed_fitness.items()}}
                             for n, r in results.items()}}
-  factors_lib.save(os.path.join(workdir, "factors.json"), scaling, provenance, target_length=int(config.base_length))
-  outputs.write_hf_snippet(os.path.join(workdir, "rope_scaling_hf.json"), scaling, rope_theta=first.plan.theta,
-                           max_position_embeddings=int(config.base_length), rotary_dim=first.plan.rotary_dim)
+  if jax.process_index() == 0:
+    factors_lib.save(os.path.join(workdir, "factors.json"), scaling, provenance,
+                     target_length=int(config.base_length))
+    outputs.write_hf_snippet(os.path.join(workdir, "rope_scaling_hf.json"), scaling, rope_theta=first.plan.theta,
+                             max_position_embeddings=int(config.base_length), rotary_dim=first.plan.rotary_dim)
   results["scaling"] = scaling
   return results
 

@@ -1,5 +1,9 @@
 """HF safetensors checkpoints restored straight into sharded parameters: each process reads only the slices its
-devices own (safetensors' lazy get_slice), so peak host memory per process is about its share of the weights.
+devices own, so peak host memory per process is about its share of the weights.
+
+The files are read with positioned reads, not memory-mapped: a column block of a row-major tensor (the embed
+dim of a weight sharded over fsdp) touches every page of the tensor, and mapped pages would count against the
+process's resident memory; read in row chunks, only the block itself is kept.
 
 The parameter shardings are lrjax.sharding's (embed over fsdp x sequence, heads / mlp / vocab over tensor); the
 layer axis and head_dim are never split, so every device's piece of a parameter is one contiguous block of rows
@@ -29,6 +33,55 @@ def _files(directory: str) -> dict[str, str]:
     raise WeightsError(f"{directory}: sharded loading reads safetensors (model.safetensors or an index)")
   names, _, _ = hf.weight_sources(directory)
   return {n: single for n in names}
+
+
+_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+_CHUNK = 16 << 20  # bytes of rows read at a time for a column block
+
+
+class SafetensorsFile:
+  """Blocks of the tensors of one .safetensors file, read with positioned reads (see the module docstring)."""
+
+  def __init__(self, path: str):
+    import json
+    import struct
+    self.path = path
+    try:
+      with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        self.header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as e:
+      raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+    self.start = 8 + n
+
+  def dtype(self, name: str) -> str:
+    kind = self.header[name]["dtype"]
+    if kind not in _DTYPES:
+      raise WeightsError(f"{self.path}: tensor {name} has dtype {kind}; sharded loading reads {', '.join(_DTYPES)}")
+    return _DTYPES[kind]
+
+  def read(self, name: str, rows: tuple[int, int], cols: tuple[int, int] | None) -> np.ndarray:
+    """tensor[r0:r1] (1-D or whole rows) or tensor[r0:r1, c0:c1] as a new array."""
+    info = self.header[name]
+    dt = np_dtype(self.dtype(name))
+    shape = info["shape"]
+    row_bytes = dt.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    base = self.start + info["data_offsets"][0]
+    r0, r1 = rows
+    with open(self.path, "rb", buffering=0) as f:
+      if cols is None or (cols[0] == 0 and cols[1] == shape[1]):
+        f.seek(base + r0 * row_bytes)
+        out = np.frombuffer(f.read((r1 - r0) * row_bytes), dt).reshape((r1 - r0,) + tuple(shape[1:]))
+        return out.copy()
+      c0, c1 = cols
+      out = np.empty((r1 - r0, c1 - c0), dt)
+      step = max(1, _CHUNK // row_bytes)
+      for r in range(r0, r1, step):
+        n = min(step, r1 - r)
+        f.seek(base + r * row_bytes)
+        block = np.frombuffer(f.read(n * row_bytes), dt).reshape(n, shape[1])
+        out[r - r0:r - r0 + n] = block[:, c0:c1]
+      return out
 
 
 def _span(s: slice, size: int) -> tuple[int, int]:
@@ -71,7 +124,6 @@ def _piece(c: model_lib.ModelConfig, key: str, tensor: arch.Tensor, index: tuple
 def load_sharded(directory: str | os.PathLike, mesh, *, dtype: str | None = None
                  ) -> tuple[model_lib.ModelConfig, dict]:
   """(ModelConfig, params as global jax.Arrays with lrjax.sharding's parameter shardings on `mesh`)."""
-  from safetensors import safe_open
   directory = os.fspath(directory)
   cfg = hf.read_config(directory)
   files = _files(directory)
@@ -83,23 +135,16 @@ def load_sharded(directory: str | os.PathLike, mesh, *, dtype: str | None = None
   missing = sorted(t.name for t in arch.hf_table(cfg) if t.name not in files)
   if missing:
     raise WeightsError(f"{directory}: missing tensor {missing[0]}")
-  handles: dict[str, object] = {}
+  handles: dict[str, SafetensorsFile] = {}
 
   def reader(name):
     path = files[name]
     if path not in handles:
-      handles[path] = safe_open(path, framework="numpy")
-    lazy = handles[path].get_slice(name)
+      handles[path] = SafetensorsFile(path)
+    return lambda rows, cols: handles[path].read(name, rows, cols)
 
-    def read(rows, cols):
-      block = lazy[rows[0]:rows[1]] if cols is None else lazy[rows[0]:rows[1], cols[0]:cols[1]]
-      return np.asarray(block)
-    return read
-
-  first = handles.setdefault(files[table["embed"].name], safe_open(files[table["embed"].name], framework="numpy"))
-  stored = first.get_slice(table["embed"].name).get_dtype()
-  target = np_dtype(dtype) or np_dtype({"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(stored,
-                                                                                                    "float32"))
+  stored = SafetensorsFile(files[table["embed"].name]).dtype(table["embed"].name)
+  target = np_dtype(dtype) or np_dtype(stored)
   abstract = arch.nest({k: jax.ShapeDtypeStruct(arch.our_shape(cfg, k), target) for k in arch.param_keys(cfg)})
   shardings = arch.flatten(sharding_lib.param_shardings(mesh, abstract))
 
