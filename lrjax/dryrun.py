@@ -29,6 +29,9 @@ from lrjax import perplexity
 from lrjax import rope as rope_lib
 from lrjax import sharding as sharding_lib
 from lrjax import train as train_lib
+from lrjax.search import fitness as fitness_lib
+from lrjax.train import feed as feed_lib
+from lrjax.train import optim
 
 GiB = 1024 ** 3
 
@@ -99,8 +102,6 @@ def _analyse(name: str, compiled, *, tokens: int, flops: float, devices: int, se
 def dry_run_train(config: ml_collections.ConfigDict, *, memory_budget: float) -> list[dict]:
   """Compile every stage's train step on the config's mesh (simulated devices), exactly the jitted function
   lrjax.train's loop calls (same builder, same shardings), with abstract arguments; one row per stage."""
-  from lrjax.train import feed as feed_lib
-  from lrjax.train import optim
   model_cfg = train_lib.model_config(config)
   stages = train_lib.parse_stages(config, model_cfg)
   mesh = sharding_lib.make_mesh(config.mesh)
@@ -143,7 +144,6 @@ def dry_run_eval(model_cfg: model_lib.ModelConfig, mesh_config, *, lengths, batc
                  memory_budget: float, candidates: int = 0) -> list[dict]:
   """Compile, per length, the program the real run calls: lrjax.perplexity.compiled_window_nll (evaluation) or,
   with candidates > 0, the search's fitness program (lrjax.search.fitness.make_nll_fn), under the mesh."""
-  from lrjax.search import fitness as fitness_lib
   mesh = sharding_lib.make_mesh(mesh_config)
   rows = []
   for length in lengths:

@@ -38,6 +38,7 @@ from lrjax import report
 from lrjax import rope as rope_lib
 from lrjax import search as search_lib
 from lrjax import tokenizers as tokenizers_lib
+from lrjax import train as train_lib
 from lrjax import weights as weights_lib
 
 STEPS = ("search_8x_dims", "search_8x", "eval_base", "passkey_base", "finetune", "search_second", "recovery",
@@ -82,6 +83,10 @@ class _Run:
     self.tokenizer = tokenizers_lib.load_tokenizer(config.search.data.tokenizer)
     self.base = _load(config.model)
     self.window = self.base[0].max_position_embeddings
+    t = config.target_length
+    self.base_lengths = sorted({n for n in (self.window, 2 * self.window, 4 * self.window, 8 * self.window, t)
+                                if n <= t})
+    self._extended = None
     self.times = {}
     self.results = {}
     path = os.path.join(workdir, "results.json")
@@ -89,6 +94,12 @@ class _Run:
       with open(path) as f:
         saved = json.load(f)
       self.results, self.times = saved.get("results", {}), saved.get("seconds", {})
+
+  def extended(self):
+    """The fine-tuned model (loaded once, from the finetune step's export)."""
+    if self._extended is None:
+      self._extended = _load(self.results["finetune"]["model"])
+    return self._extended
 
   def dir(self, name):
     return os.path.join(self.workdir, name)
@@ -168,7 +179,6 @@ def _factors(path: str, model_config) -> rope_lib.RopeScaling:
 
 
 def _finetune(run: _Run):
-  from lrjax import train as train_lib
   c = ml_collections.ConfigDict(run.config.finetune.to_dict())
   c.init = weights_lib.model_path(run.config.model)
   for stage in c.stages:
@@ -183,80 +193,93 @@ def _finetune(run: _Run):
              time.time() - start)
 
 
+def _eval_base(run: _Run) -> None:
+  settings = ["none", "pi", "ntk", "yarn"]
+  if "search_8x_dims" in run.results:
+    settings.append(f"longrope (λ only)={run.results['search_8x_dims']['factors']}")
+  settings.append(f"longrope (λ + n̂)={run.results['search_8x']['factors']}")
+  _evaluate(run, "eval_base", run.base, settings, run.base_lengths)
+
+
+def _passkey_base(run: _Run) -> None:
+  searched = _factors(run.results["search_8x"]["factors"], run.base[0]) if "search_8x" in run.results else None
+  settings = {"none": lambda n: None}
+  if searched is not None:
+    settings["longrope 8x"] = lambda n: searched
+  _passkey(run, "passkey_base", run.base, settings)
+
+
+def _recovery(run: _Run) -> None:
+  c = _search_config(run.config.recovery, target_length=0)
+  c.stage, c.base_length, c.base_factors = "short", run.config.second_length, run.results["search_second"]["factors"]
+  docs, info = search_lib.fitness_documents(c, run.tokenizer, max(c.short_lengths))
+  model_config, params = run.extended()
+  start = time.time()
+  out = search_lib.run_short(c, model_config, params, docs, run.dir("recovery"),
+                             base=search_lib.load_base(c, model_config), tokenizer=run.tokenizer, document_info=info)
+  run.record("recovery", {"factors": os.path.join(run.dir("recovery"), "factors.json"),
+                          "fitness": {str(n): float(r.fitness) for n, r in out.items() if n != "scaling"}},
+             time.time() - start)
+
+
+def _eval_extended(run: _Run) -> None:
+  t, t2 = run.config.target_length, run.config.second_length
+  lengths = sorted(set(run.base_lengths + [n for n in (2 * t, 4 * t, t2) if n <= t2]))
+  settings = [f"ft + 8x factors={run.results['search_8x']['factors']}",
+              f"ft + second-stage factors={run.results['search_second']['factors']}"]
+  if "recovery" in run.results:
+    settings.append(f"ft + second-stage + recovery={run.results['recovery']['factors']}")
+  _evaluate(run, "eval_extended", run.extended(), settings, lengths)
+
+
+def _passkey_extended(run: _Run) -> None:
+  model = run.extended()
+  second = _factors(run.results["search_second"]["factors"], model[0])
+  settings = {"ft + second-stage factors": lambda n: second}
+  if "recovery" in run.results:
+    rec = _factors(run.results["recovery"]["factors"], model[0])
+    settings["ft + second-stage + recovery"] = lambda n: rec
+  _passkey(run, "passkey_extended", model, settings)
+
+
+# Each step, in STEPS order; a step reads what earlier steps recorded in run.results.
+_STEP_FUNCTIONS = {
+    "search_8x_dims": lambda run: _search(run, "search_8x_dims", run.config.search, run.base,
+                                          target=run.config.target_length, n_hat=False),
+    "search_8x": lambda run: _search(run, "search_8x", run.config.search, run.base, target=run.config.target_length),
+    "eval_base": _eval_base,
+    "passkey_base": _passkey_base,
+    "finetune": lambda run: _finetune(run),
+    "search_second": lambda run: _search(run, "search_second", run.config.second, run.extended(),
+                                         target=run.config.second_length, stage="second",
+                                         base_path=run.results["search_8x"]["factors"],
+                                         base_length=run.config.target_length),
+    "recovery": _recovery,
+    "eval_extended": _eval_extended,
+    "passkey_extended": _passkey_extended,
+}
+
+
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str, *,
                  print_fn: Callable[[str], None] = print) -> dict:
-  """Runs config.steps in order; returns {"results": ..., "seconds": ..., "summary": markdown}."""
+  """Runs config.steps in STEPS order, skipping those recorded as done; returns {"results": ..., "seconds": ...,
+  "summary": markdown}."""
   validate(config)
   if not workdir:
     raise PipelineError("--workdir is required")
   os.makedirs(workdir, exist_ok=True)
   run = _Run(config, workdir, print_fn)
-  t, w, t2 = config.target_length, run.window, config.second_length
-  base_lengths = [n for n in (w, 2 * w, 4 * w, 8 * w, t) if n <= t]
-  base_lengths = sorted(set(base_lengths))
-  steps = list(config.steps)
   start = time.time()
-
-  def pending(step):
-    if step not in steps:
-      return False
+  for step in STEPS:
+    if step not in config.steps:
+      continue
     if run.done(step):
       print_fn(f"{step}: done already (in {run.dir(step)})")
-      return False
+      continue
     print_fn(f"== {step}")
-    return True
-
-  if pending("search_8x_dims"):
-    _search(run, "search_8x_dims", config.search, run.base, target=t, n_hat=False)
-  if pending("search_8x"):
-    _search(run, "search_8x", config.search, run.base, target=t)
-  if pending("eval_base"):
-    settings = ["none", "pi", "ntk", "yarn"]
-    if "search_8x_dims" in run.results:
-      settings.append(f"longrope (λ only)={run.results['search_8x_dims']['factors']}")
-    settings.append(f"longrope (λ + n̂)={run.results['search_8x']['factors']}")
-    _evaluate(run, "eval_base", run.base, settings, base_lengths)
-  if pending("passkey_base"):
-    searched = _factors(run.results["search_8x"]["factors"], run.base[0]) if "search_8x" in run.results else None
-    settings = {"none": lambda n: None}
-    if searched is not None:
-      settings["longrope 8x"] = lambda n: searched
-    _passkey(run, "passkey_base", run.base, settings)
-  if pending("finetune"):
-    _finetune(run)
-  extended = None
-  if any(s in steps for s in ("search_second", "recovery", "eval_extended", "passkey_extended")):
-    extended = _load(run.results["finetune"]["model"]) if "finetune" in run.results else None
-  if pending("search_second"):
-    _search(run, "search_second", config.second, extended, target=t2, stage="second",
-            base_path=run.results["search_8x"]["factors"], base_length=t)
-  if pending("recovery"):
-    c = _search_config(config.recovery, target_length=0)
-    c.stage, c.base_length, c.base_factors = "short", t2, run.results["search_second"]["factors"]
-    docs, info = search_lib.fitness_documents(c, run.tokenizer, max(c.short_lengths))
-    t0 = time.time()
-    out = search_lib.run_short(c, extended[0], extended[1], docs, run.dir("recovery"),
-                               base=search_lib.load_base(c, extended[0]), tokenizer=run.tokenizer,
-                               document_info=info)
-    run.record("recovery", {"factors": os.path.join(run.dir("recovery"), "factors.json"),
-                            "fitness": {str(n): float(r.fitness) for n, r in out.items() if n != "scaling"}},
-               time.time() - t0)
-  if pending("eval_extended"):
-    lengths = sorted(set(base_lengths + [n for n in (2 * t, 4 * t, t2) if n <= t2]))
-    settings = [f"ft + 8x factors={run.results['search_8x']['factors']}",
-                f"ft + second-stage factors={run.results['search_second']['factors']}"]
-    if "recovery" in run.results:
-      settings.append(f"ft + second-stage + recovery={run.results['recovery']['factors']}")
-    _evaluate(run, "eval_extended", extended, settings, lengths)
-  if pending("passkey_extended"):
-    second = _factors(run.results["search_second"]["factors"], extended[0])
-    settings = {"ft + second-stage factors": lambda n: second}
-    if "recovery" in run.results:
-      rec = _factors(run.results["recovery"]["factors"], extended[0])
-      settings["ft + second-stage + recovery"] = lambda n: rec
-    _passkey(run, "passkey_extended", extended, settings)
-
-  summary = summarize(run.results, run.times, window=w, target=t, second=t2)
+    _STEP_FUNCTIONS[step](run)
+  summary = summarize(run.results, run.times, window=run.window, target=config.target_length,
+                      second=config.second_length)
   report.write_text(os.path.join(workdir, "summary.md"), summary)
   print_fn(summary)
   print_fn(f"pipeline finished in {time.time() - start:.0f} s (this invocation); outputs in {workdir}")

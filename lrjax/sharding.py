@@ -1,4 +1,4 @@
-"""Device mesh, parameter and batch shardings, multi-host set-up.
+"""Device mesh, parameter and batch shardings (multi-process start-up is lrjax.distributed).
 
 The mesh axes (data, fsdp, sequence, tensor), the logical axis names of parameters and activations, and the
 rules between them live in lrjax.axes; this module turns them into Meshes, PartitionSpecs and NamedShardings,
@@ -23,11 +23,10 @@ MESH_AXES, BATCH_AXES = axes.MESH_AXES, axes.BATCH_AXES
 SEQUENCE_AXIS, TENSOR_AXIS = axes.SEQUENCE_AXIS, axes.TENSOR_AXIS
 LOGICAL_RULES = axes.LOGICAL_RULES
 LOAD_BALANCE_ORDERS = axes.LOAD_BALANCE_ORDERS
-_DISTRIBUTED_KEYS = ("coordinator_address", "num_processes", "process_id", "local_device_ids", "auto")
 
 
 class ShardingError(ValueError):
-  """A mesh, sharding or distributed setting that cannot work; the message names the problem."""
+  """A mesh or sharding that cannot work; the message names the problem."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -234,75 +233,3 @@ def validate(mesh: Mesh, *, batch: int, length: int, config: Any, order: str = "
     problems.append(f"hidden size {hidden} is not divisible by fsdp*sequence = {n_embed} (weights' embed dim)")
   if problems:
     raise ShardingError(f"mesh {dict(mesh.shape)} cannot run this input: " + "; ".join(problems))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Multi-host.
-
-
-def initialize_distributed(config: Mapping[str, Any] | Any) -> bool:
-  """jax.distributed.initialize for multi-process runs; a no-op (returns False) for a single process.
-
-  Args:
-    config: ConfigDict/mapping with keys coordinator_address ("host:port" of process 0), num_processes,
-      process_id, local_device_ids (optional) and auto (let JAX detect SLURM / Open MPI / TPU pods).
-      A single process is: auto false and num_processes 1 (or unset) and no coordinator address.
-  Returns:
-    True when a multi-process runtime was initialised (or already was).
-  """
-  cfg = _as_dict(config)
-  unknown = sorted(set(cfg) - set(_DISTRIBUTED_KEYS))
-  if unknown:
-    raise ShardingError(f"unknown distributed settings {unknown}; expected a subset of {list(_DISTRIBUTED_KEYS)}")
-  if jax.distributed.is_initialized():
-    return True
-  address = cfg.get("coordinator_address") or None
-  num = cfg.get("num_processes")
-  pid = cfg.get("process_id")
-  local = cfg.get("local_device_ids")
-  if cfg.get("auto", False):
-    try:
-      jax.distributed.initialize()
-    except (ValueError, RuntimeError) as e:
-      raise ShardingError(f"automatic jax.distributed set-up failed (no supported cluster detected?): "
-                          f"{str(e).splitlines()[0]}") from e
-    return True
-  if (num is None or int(num) == 1) and address is None:
-    return False
-  if address is None:
-    raise ShardingError(f"num_processes={num} needs coordinator_address ('host:port' of process 0)")
-  if num is None or int(num) < 1:
-    raise ShardingError(f"num_processes must be a positive integer, got {num!r}")
-  if pid is None or not 0 <= int(pid) < int(num):
-    raise ShardingError(f"process_id must be in [0, {num}), got {pid!r}")
-  if ":" not in str(address):
-    raise ShardingError(f"coordinator_address must be 'host:port', got {address!r}")
-  try:
-    jax.distributed.initialize(coordinator_address=str(address), num_processes=int(num),
-                               process_id=int(pid), local_device_ids=local)
-  except (ValueError, RuntimeError) as e:
-    raise ShardingError(f"jax.distributed.initialize({address}, process {pid}/{num}) failed: "
-                        f"{str(e).splitlines()[0]}") from e
-  return True
-
-
-def host_local_to_global(mesh: Mesh, host_batch: Any, sharding: NamedSharding | None = None) -> Any:
-  """Assemble each process's slice of the batch into global jax.Arrays.
-
-  Args:
-    mesh: the mesh.
-    host_batch: pytree of host arrays [b_local, t, ...]; b_local = global batch / process_count (each
-      process loads different documents).
-    sharding: target sharding (default batch_sharding(mesh)).
-  Returns:
-    The same pytree of global arrays [b, t, ...].
-  """
-  sharding = batch_sharding(mesh) if sharding is None else sharding
-
-  def one(x):
-    x = np.asarray(x)
-    if x.ndim < 1:
-      raise ShardingError(f"batch leaves need a leading batch dimension, got shape {x.shape}")
-    return jax.make_array_from_process_local_data(sharding, x)
-
-  return jax.tree.map(one, host_batch)

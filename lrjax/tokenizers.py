@@ -37,7 +37,12 @@ import json
 import os
 from typing import Mapping, Protocol, Sequence, runtime_checkable
 
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
 import numpy as np
+import sentencepiece
+import tokenizers
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 _SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -112,7 +117,6 @@ class SentencePieceTokenizer(_ChatTemplated):
   """A SentencePiece model file (LLaMA 1/2 tokenizer.model); add_bos defaults to True, as in LlamaTokenizer."""
 
   def __init__(self, path: str):
-    import sentencepiece
 
     self.name = path
     self._sp = sentencepiece.SentencePieceProcessor()
@@ -185,7 +189,6 @@ class HFTokenizer(_ChatTemplated):
     after the sequence. add_bos / add_eos: whether that template puts them there (transformers 5 drops the
     config's add_bos_token / add_eos_token whenever a tokenizer.json exists; the file's post-processor decides).
     """
-    import tokenizers
 
     try:
       tok = tokenizers.Tokenizer.from_file(path)
@@ -259,9 +262,6 @@ def _tokenizer_config(path: str) -> tuple[dict | None, str | None]:
 @functools.lru_cache(maxsize=16)
 def _compile_template(template: str):
   """A jinja2 template compiled the way transformers compiles chat templates (chat_template_utils.py)."""
-  import jinja2
-  import jinja2.ext
-  import jinja2.sandbox
 
   class Generation(jinja2.ext.Extension):
     """{% generation %}...{% endgeneration %} marks the assistant's text for transformers' masks; here it only
@@ -296,7 +296,6 @@ def render_chat_template(template: str, messages: list[dict], *, add_generation_
                          **variables) -> str:
   """Renders a chat template over `messages` ([{"role", "content", ...}]) as transformers' apply_chat_template
   (tokenize=False) does: keys whose value is None are dropped; `variables` (bos_token, ...) are visible."""
-  import jinja2
 
   if not isinstance(messages, (list, tuple)) or not messages:
     raise TokenizerError("chat messages must be a non-empty list of dicts")

@@ -86,26 +86,6 @@ def test_validate_names_each_problem():
     S.validate(mesh, batch=2, length=7, config=CFG)
 
 
-def test_initialize_distributed_single_process_and_errors():
-  assert S.initialize_distributed(ml_collections.ConfigDict(dict(num_processes=1))) is False
-  assert S.initialize_distributed({}) is False
-  with pytest.raises(S.ShardingError, match="needs coordinator_address"):
-    S.initialize_distributed(dict(num_processes=2, process_id=0))
-  with pytest.raises(S.ShardingError, match=r"process_id must be in \[0, 2\)"):
-    S.initialize_distributed(dict(coordinator_address="h:1234", num_processes=2, process_id=5))
-  with pytest.raises(S.ShardingError, match="unknown distributed settings"):
-    S.initialize_distributed(dict(coordinater="h:1"))
-
-
-def test_host_local_to_global_single_process():
-  mesh = _mesh(data=2, fsdp=2, sequence=2, tensor=1)
-  tokens = np.arange(4 * 6, dtype=np.int32).reshape(4, 6)
-  out = S.host_local_to_global(mesh, {"tokens": tokens})["tokens"]
-  np.testing.assert_array_equal(np.asarray(out), tokens)
-  assert out.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), "sequence")), 2)
-  assert len(out.addressable_shards) == 8 and out.addressable_shards[0].data.shape == (1, 3)
-
-
 def test_sharded_forward_equals_single_device(params):
   b, t = 4, 16
   tokens = jax.random.randint(jax.random.PRNGKey(1), (b, t), 0, CFG.vocab_size)

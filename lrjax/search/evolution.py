@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from lrjax import report
 from lrjax.search import space as space_lib
@@ -268,7 +269,6 @@ def evolve(space: SearchSpace, evolution: Evolution, seeds: Mapping[str, np.ndar
 
   bar = None
   if progress:
-    from tqdm.auto import tqdm
     bar = tqdm(total=evolution.iterations + 1, initial=state.generation + 1, desc="search", unit="gen")
   try:
     while state.generation < 0 or (not state.stopped and state.generation < evolution.iterations):

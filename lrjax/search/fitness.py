@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lrjax import perplexity
 from lrjax import rope as rope_lib
+from lrjax import sharding as sharding_lib
 from lrjax.search.space import SearchError
 
 # LongRoPE2 App. C needle, rendered as plain text (the byte tokenizer takes it verbatim).
@@ -100,7 +101,6 @@ def cached_nll_fn(model_config, candidates: int, window_nll: Callable | None = N
 def fitness_rules(mesh) -> tuple:
   """Logical rules of the fitness program under a mesh: candidates take the data axis, so a sequence's batch
   dim goes over fsdp only (the sequence axis stays the ring's)."""
-  from lrjax import sharding as sharding_lib
   return tuple(("batch", "fsdp") if name == "batch" else (name, mesh_axes)
                for name, mesh_axes in sharding_lib.LOGICAL_RULES)
 
@@ -131,7 +131,6 @@ def make_nll_fn(model_config, *, candidates: int, counter: CompileCounter | None
   jitted = jax.jit(fn)
   if mesh is None:
     return jitted
-  from lrjax import sharding as sharding_lib
 
   def run(params, tokens, weights, rope):
     with sharding_lib.mesh_context(mesh, fitness_rules(mesh)):
@@ -176,7 +175,6 @@ class PerplexityFitness:
     self._rope_sharding, put, put_tokens = None, jax.device_put, jax.device_put
     self._params = jax.tree.map(jax.device_put, params)
     if mesh is not None:
-      from lrjax import sharding as sharding_lib
       size = mesh.shape.get("data", 1)
       if self.candidates > 1 and self.candidates % size:
         raise SearchError(f"candidates_per_call {self.candidates} is not a multiple of the mesh's data axis "

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from lrjax import factors as factors_lib
 from lrjax import rope as rope_lib
 from lrjax.search import evolution as evolution_lib
 from lrjax.search import space as space_lib
@@ -137,7 +138,6 @@ def _seeds(sc, stage: str, space: SearchSpace, base: np.ndarray | None, *, scale
     seeds[name] = space_lib.genome_from_factors(space, rel, n_hat=n_hat, temperature=temperature)
     seed_factors[name] = np.asarray(absolute, np.float64)
   for i, path in enumerate(sc.init_factors):
-    from lrjax import factors as factors_lib  # a file only when one is named
     try:
       loaded = factors_lib.load(path, n_layers=n_layers, rotary_dim=rotary_dim)
     except ValueError as e:

@@ -9,8 +9,13 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
+from lrjax import data, perplexity
+from lrjax import factors as factors_lib
 from lrjax import rope as rope_lib
+from lrjax import sharding as sharding_lib
+from lrjax import weights
 from lrjax.search import evolution as evolution_lib
 from lrjax.search import fitness as fitness_lib
 from lrjax.search import outputs
@@ -89,7 +94,6 @@ def run(config, model_config, params, documents: Sequence[np.ndarray], workdir: 
     raise SearchError(f"{workdir} already holds a search state; set resume=True to continue it, or use "
                       "another workdir")
   if jax.process_count() > 1:  # every process has looked before process 0 writes the first state
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f"lrjax.search.start {workdir}")
   start = time.perf_counter()
   result = evolution_lib.evolve(
@@ -116,7 +120,6 @@ def run_short(config, model_config, params, documents: Sequence[np.ndarray], wor
   length <= the original window as short_factor (the Phi-3/transformers switch) and every length as a
   paper-style bucket. Returns {length: SearchResult, "scaling": combined RopeScaling}.
   """
-  from lrjax import factors as factors_lib
   results = {}
   for length in sorted(int(n) for n in config.short_lengths):
     results[length] = run(config, model_config, params, documents, os.path.join(workdir, f"short_{length}"),
@@ -151,7 +154,6 @@ def load_base(config, model_config) -> rope_lib.RopeScaling | None:
   identical rows (the paper's published tables) become one row."""
   if not config.base_factors:
     return None
-  from lrjax import factors as factors_lib
   try:
     base = factors_lib.resolve_file(config.base_factors, original_length=int(config.search.original_length
                                                                              or model_config.original_length),
@@ -168,7 +170,6 @@ def load_base(config, model_config) -> rope_lib.RopeScaling | None:
 def fitness_documents(config, tokenizer, min_tokens: int) -> tuple[list[np.ndarray], dict]:
   """The fitness documents: N of the source's documents with >= min_tokens tokens, drawn at random (seeded by
   search.seed, as the paper samples 5 PG19 books) or the first N; and a record of which were used."""
-  from lrjax import data, perplexity
   n = int(config.data.num_documents)
   docs = data.tokenized_documents(config.data.source, tokenizer, min_tokens=min_tokens,
                                   max_documents=None if config.data.sample_documents else n)
@@ -187,7 +188,6 @@ def search_mesh(config):
   sizes = config.mesh.to_dict()
   if all(int(v) == 1 for v in sizes.values()):
     return None
-  from lrjax import sharding as sharding_lib
   return sharding_lib.make_mesh(sizes)
 
 
@@ -196,7 +196,6 @@ def main(config, workdir: str) -> dict | SearchResult:
   validate_config(config)
   if not workdir:
     raise SearchError("--workdir is required")
-  from lrjax import weights
   try:
     model_config, params = weights.load_model(config.model, dtype=config.dtype, attention=config.attention,
                                               block_q=config.block_q, block_k=config.block_k,

@@ -8,6 +8,7 @@ import os
 from lrjax import model as model_lib
 from lrjax import rope as rope_lib
 from lrjax import schema
+from lrjax import factors, weights
 
 SCHEDULES = ("constant", "linear", "cosine")
 NAN_POLICIES = ("skip", "stop")
@@ -87,7 +88,6 @@ def model_config(config) -> model_lib.ModelConfig:
     raise TrainError(f"unknown config key config.model.{unknown[0]} (not a ModelConfig field)")
   init = config.get("init")
   if not m.get("original_max_position_embeddings") and init and (init == "builtin" or os.path.exists(init)):
-    from lrjax import weights  # only to read the init checkpoint's declared window
     try:
       m["original_max_position_embeddings"] = weights.original_length_of(weights.model_path(init))
     except ValueError as e:
@@ -115,7 +115,6 @@ def stage_rope(stage_cfg: dict, model_cfg: model_lib.ModelConfig) -> rope_lib.Ro
   if not os.path.exists(name):
     raise TrainError(f"stage rope {name!r} is neither a method ({', '.join(rope_lib.METHODS)}) nor an "
                      "existing factor file")
-  from lrjax import factors  # a factor file only when asked for
   try:
     return factors.resolve_file(name, original_length=original, target_length=length,
                                 n_layers=model_cfg.num_layers, rotary_dim=model_cfg.rotary_dim)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from lrjax import factors, schema
 from lrjax import rope as rope_lib
 from lrjax.weights import arch, hf, meta, native, registry
 from lrjax.weights.common import WeightsError, check_dest, np_dtype
@@ -80,7 +81,6 @@ def convert(source: str | os.PathLike, dest: str | os.PathLike, *, format: str =
 def run(config) -> str:
   """experiments/convert.py: validates a configs/convert.py ConfigDict (no value that nothing reads) and
   converts; returns the one-line summary."""
-  from lrjax import factors, schema
   schema.check(config, _schema(), error=WeightsError)
   c = config
   if not c.source or not c.dest:
@@ -106,7 +106,6 @@ def run(config) -> str:
 
 
 def _schema() -> dict:
-  from lrjax import schema
   return {"source": schema.STR, "dest": schema.STR, "format": schema.STR, "dtype": schema.STR,
           "max_shard_size": schema.STR, "factors": schema.STR, "target_length": schema.NON_NEGATIVE_INT,
           "original_length": schema.NON_NEGATIVE_INT, "allow_dropping_n_hat": schema.BOOL, "overwrite": schema.BOOL}

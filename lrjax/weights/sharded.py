@@ -13,6 +13,8 @@ and columns of each stored HF tensor (a fused Phi-3 tensor: of its part's rows).
 from __future__ import annotations
 
 import os
+import json
+import struct
 
 import jax
 import numpy as np
@@ -43,8 +45,6 @@ class SafetensorsFile:
   """Blocks of the tensors of one .safetensors file, read with positioned reads (see the module docstring)."""
 
   def __init__(self, path: str):
-    import json
-    import struct
     self.path = path
     try:
       with open(path, "rb") as f:
