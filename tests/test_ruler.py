@@ -265,6 +265,32 @@ def test_chat_template_hook():
     assert text.count("<|im_start|>user\n") == (2 if task == "cwe" else 1)
 
 
+CHAT_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\nYou are a helpful assistant<|im_end|>\n' }}{% endif %}"
+                 "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")  # SmolLM2's, shortened
+
+
+def test_chat_template_prompts(bpe):
+  """template=auto picks the tokenizer's chat template when it has one; the rendered chat is the whole prompt."""
+  plain = tokenizers.HFTokenizer(bpe, name="bpe", bos_id=1, add_bos=True)
+  chat = tokenizers.HFTokenizer(bpe, name="bpe+chat", bos_id=1, add_bos=True, chat_template=CHAT_TEMPLATE)
+  assert ruler.prompt_format("auto", plain)[0] == "plain" and ruler.prompt_format("auto", BYTES)[0] == "plain"
+  choice, fmt, add_bos = ruler.prompt_format("auto", chat)
+  assert (choice, add_bos) == ("chat", False)
+  sample = ruler.generate("niah_single_1", chat, length=1024, seed=0, index=0, format_prompt=fmt, add_bos=add_bos)
+  assert sample.tokens.size == 1024 - 128 and 1 not in sample.tokens.tolist()  # no BOS id added to the chat
+  text = chat.decode(sample.tokens)
+  assert text.startswith("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\n"
+                         "A special magic number is hidden within the following text.")
+  assert re.search(r"mentioned in the provided text\?<\|im_end\|>\n<\|im_start\|>assistant\n The special magic "
+                   r"number for \S+ mentioned in the provided text is\Z", text)
+  with_bos = ruler.generate("niah_single_1", plain, length=1024, seed=0, index=0)
+  assert with_bos.tokens[0] == 1  # plain prompts keep the tokenizer's rule
+  with pytest.raises(ruler.RulerError, match="has no chat template"):
+    ruler.prompt_format("chat", BYTES)
+
+
 def _ruler_string_match_all(preds, refs):  # RULER's definition (scripts/eval/synthetic/constants.py)
   return sum(sum(r.lower() in p.lower() for r in ref) / len(ref) for p, ref in zip(preds, refs)) / len(preds) * 100
 

@@ -1,4 +1,4 @@
-"""RULER (Hsieh et al. 2024): the 13 synthetic long-context tasks, exact-length prompts and RULER's scoring.
+"""RULER (Hsieh et al. 2024) task generation: the 13 tasks' registry and exact-length prompts.
 
 Families and RULER's task names (scripts/synthetic.yaml; templates, answer prefixes, tokens_to_generate and
 metrics from scripts/data/synthetic/constants.py and scripts/eval/synthetic/constants.py):
@@ -11,9 +11,10 @@ metrics from scripts/data/synthetic/constants.py and scripts/eval/synthetic/cons
   qa    qa_1 (SQuAD), qa_2 (HotpotQA): gold paragraphs among distractors; the caller supplies the records
 
 `generate` builds one sample whose prompt is exactly `length - max_new_tokens` tokens (BOS included when the
-tokenizer has one), so prompt plus answer fill `length`. The prompt is assembled from separately encoded
-pieces: BOS, the text before the context, the context (filled at the token level, see lrjax.haystack), and
-the text after it (question and answer prefix). Each sample draws everything from a generator seeded with
+tokenizer adds one), so prompt plus answer fill `length`: RULER's rule (the input, template included, is fit to
+max_seq_length minus tokens_to_generate), made exact. The prompt is assembled from separately encoded pieces:
+BOS, the text before the context, the context (filled at the token level, see lrjax.haystack), and the text after
+it (question and answer prefix). Each sample draws everything from a generator seeded with
 (seed, task, length, index), so any sample can be rebuilt alone.
 
 Departures from RULER's scripts, all for exact lengths or determinism: needle depths come from RULER's
@@ -29,53 +30,19 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import itertools
-import re
 import string
 import zlib
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 from scipy import special
 
 from lrjax import haystack as hs
+from lrjax.ruler.prompts import DOCUMENT, NEEDLE, TEMPLATES, FormatPrompt, LengthError, RulerError, plain_prompt
 
-FormatPrompt = Callable[[str, str], str]
-
-NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
-DOCUMENT = "Document {i}:\n{document}"
-TEMPLATES = {  # family -> (task template, answer prefix), RULER's text
-    "niah": ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. "
-             "I will quiz you about the {type_needle_v} afterwards.\n{context}\nWhat are all the special magic "
-             "{type_needle_v} for {query} mentioned in the provided text?",
-             " The special magic {type_needle_v} for {query} mentioned in the provided text are"),
-    "vt": ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
-           "Question: Find all variables that are assigned the value {query} in the text above.",
-           " Answer: According to the chain(s) of variable assignment in the text above, {num_v} variables are "
-           "assigned the value {query}, they are: "),
-    "cwe": ("Below is a numbered list of words. In these words, some appear more often than others. Memorize the "
-            "ones that appear most often.\n{context}\nQuestion: What are the 10 most common words in the above list?",
-            " Answer: The top 10 words that appear most often in the list are:"),
-    "fwe": ("Read the following coded text and track the frequency of each coded word. Find the three most "
-            "frequently appeared coded words. {context}\nQuestion: Do not provide any explanation. Please ignore "
-            "the dots '....'. What are the three most frequently appeared words in the above coded text?",
-            " Answer: According to the coded text above, the three most frequently appeared words are:"),
-    "qa": ("Answer the question based on the given documents. Only give me the answer and do not output any other "
-           "words.\n\nThe following are given documents.\n\n{context}\n\nAnswer the question based on the given "
-           "documents. Only give me the answer and do not output any other words.\n\nQuestion: {query}",
-           " Answer:"),
-}
-CHATML = "<|im_start|>user\n{task_template}<|im_end|>\n<|im_start|>assistant\n"  # SmolLM2-Instruct and kin
 _MARKER = "\x00RULER-CONTEXT\x00"  # stands for the context while the prompt text is formatted
 _SPARE_WORDS = 64  # cwe: unused words kept aside to complete a list that falls short of the budget
 _VT_EXAMPLE_TOKENS = 500  # RULER sizes its variable-tracking in-context example to 500 tokens
-
-
-class RulerError(ValueError):
-  """A RULER request that cannot be built or scored; the message names the argument and the problem."""
-
-
-class LengthError(RulerError):
-  """The requested length cannot hold the task's template, needles and generated tokens."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,16 +114,15 @@ def select(names: str | Sequence[str]) -> list[TaskConfig]:
   return [TASKS[n] for n in names]
 
 
-def plain_prompt(task_text: str, answer_prefix: str) -> str:
-  """RULER's "base" model template: the task text followed by the answer prefix."""
-  return task_text + answer_prefix
+def takes_depth(task: TaskConfig) -> bool:
+  """Whether a needle depth can be given: a niah task with exactly one needle (one key, one value)."""
+  p = task.params
+  return task.family == "niah" and max(p["num_needle_k"], p["num_needle_q"]) * p["num_needle_v"] == 1
 
 
-def model_template(template: str) -> FormatPrompt:
-  """A format_prompt from a RULER-style model template with one {task_template} field (e.g. CHATML)."""
-  if template.count("{task_template}") != 1:
-    raise RulerError(f"model template {template!r} must contain {{task_template}} exactly once")
-  return lambda task_text, answer_prefix: template.replace("{task_template}", task_text) + answer_prefix
+def needs_documents(task: TaskConfig) -> bool:
+  """Whether the task's haystack is documents (RULER's essays), which the caller passes as `haystack`."""
+  return task.params.get("type_haystack") == "essay"
 
 
 def sample_rng(seed: int, task: str, length: int, index: int) -> np.random.Generator:
@@ -174,11 +140,13 @@ class _Request(NamedTuple):
   haystack: Sequence[str] | None
   qa_records: Sequence[Mapping] | None
   depth: float | None
+  add_bos: bool
 
 
 def generate(task: str | TaskConfig, tokenizer, *, length: int, seed: int, index: int,
              haystack: Sequence[str] | None = None, qa_records: Sequence[Mapping] | None = None,
-             format_prompt: FormatPrompt | None = None, depth: float | None = None) -> Sample:
+             format_prompt: FormatPrompt | None = None, depth: float | None = None,
+             add_bos: bool | None = None) -> Sample:
   """One sample of `task` whose prompt is exactly `length - max_new_tokens` tokens.
 
   Args:
@@ -188,8 +156,10 @@ def generate(task: str | TaskConfig, tokenizer, *, length: int, seed: int, index
     qa_records: for qa tasks, dicts {"question": str, "answers": [str, ...], and "context": str or
       "paragraphs": [str, ...]}; sample `index` asks record index % len(records), the other records'
       paragraphs are the distractors.
-    format_prompt: (task_text, answer_prefix) -> prompt text, e.g. model_template(CHATML); default plain.
+    format_prompt: (task_text, answer_prefix) -> prompt text, e.g. prompts.model_template(CHATML); default plain.
     depth: single-needle niah tasks only: the needle's depth in [0, 1] instead of a random one.
+    add_bos: start the prompt with tokenizer.bos_id; None: when the tokenizer adds one to model input
+      (tokenizer.add_bos, the checkpoint's rule: SmolLM2 adds none). Chat prompts pass False (prompts.chat_prompt).
   """
   config = task if isinstance(task, TaskConfig) else select([task])[0]
   for arg, value, low in (("length", length, 1), ("seed", seed, 0), ("index", index, 0)):
@@ -201,9 +171,14 @@ def generate(task: str | TaskConfig, tokenizer, *, length: int, seed: int, index
   builder = _BUILDERS.get(config.family)
   if builder is None:
     raise RulerError(f"task {config.name!r}: unknown family {config.family!r}; expected one of {', '.join(_BUILDERS)}")
+  bos = getattr(tokenizer, "bos_id", None)
+  if add_bos is None:
+    add_bos = getattr(tokenizer, "add_bos", bos is not None)
+  elif add_bos and bos is None:
+    raise RulerError(f"add_bos=True but tokenizer {tokenizer!r} has no BOS id")
   req = _Request(config, tokenizer, sample_rng(seed, config.name, int(length), int(index)), int(length),
                  int(index), format_prompt or plain_prompt, [haystack] if isinstance(haystack, str) else haystack,
-                 qa_records, depth)
+                 qa_records, depth, bool(add_bos))
   try:
     inspect.signature(builder).bind(req, **config.params)
   except TypeError as e:
@@ -217,10 +192,7 @@ def _frame(req: _Request, task_text: str, answer_prefix: str, before: str = "") 
   if text.count(_MARKER) != 1:
     raise RulerError("format_prompt must return its task_text unchanged inside the prompt, exactly once")
   head, tail = text.split(_MARKER)
-  bos = getattr(req.tokenizer, "bos_id", None)
-  if not getattr(req.tokenizer, "add_bos", bos is not None):  # the checkpoint's rule (SmolLM2: no BOS)
-    bos = None
-  bos = np.zeros((0,), np.int32) if bos is None else np.asarray([bos], np.int32)
+  bos = np.asarray([req.tokenizer.bos_id] if req.add_bos else [], np.int32)
   return np.concatenate([bos, hs.encode(req.tokenizer, head)]), hs.encode(req.tokenizer, tail)
 
 
@@ -409,7 +381,7 @@ def _fwe_sample(req: _Request, *, alpha: float, coded_wordlen: int = 6, vocab_si
                  counts=dict(zip(vocab[:5], counts[:5].tolist())))
 
 
-def _paragraphs(record: Mapping, i: int) -> list[str]:
+def record_paragraphs(record: Mapping, i: int) -> list[str]:
   """The gold paragraphs of a QA record, validated along with its question and answers."""
   if not isinstance(record, Mapping) or not isinstance(record.get("question"), str):
     raise RulerError(f"qa_records[{i}]: expected a dict with a 'question' string")
@@ -427,7 +399,7 @@ def _qa_sample(req: _Request, *, dataset: str) -> Sample:
   if not records:
     raise RulerError(f"{req.config.name} ({dataset}) needs qa_records: dicts with question, answers and "
                      "context or paragraphs")
-  paragraphs = [_paragraphs(r, i) for i, r in enumerate(records)]
+  paragraphs = [record_paragraphs(r, i) for i, r in enumerate(records)]
   record, gold = records[req.index % len(records)], paragraphs[req.index % len(records)]
   pool = sorted({p for ps in paragraphs for p in ps} - set(gold))
   if not pool:
@@ -469,7 +441,8 @@ def needle_grid(lengths: Sequence[int], depths: Sequence[float] | int) -> list[t
 
 
 def needle_cell(tokenizer, *, length: int, depth: float, seed: int, index: int,
-                haystack: Sequence[str] | None = None, format_prompt: FormatPrompt | None = None) -> Sample:
+                haystack: Sequence[str] | None = None, format_prompt: FormatPrompt | None = None,
+                add_bos: bool | None = None) -> Sample:
   """One grid cell: niah_single_1 (noise) or, given documents, niah_single_2 (essay), needle at `depth`.
 
   The sample generator does not depend on the depth, so one (length, index) has the same needle and
@@ -477,35 +450,4 @@ def needle_cell(tokenizer, *, length: int, depth: float, seed: int, index: int,
   """
   task = "niah_single_1" if haystack is None else "niah_single_2"
   return generate(task, tokenizer, length=length, seed=seed, index=index, haystack=haystack,
-                  format_prompt=format_prompt, depth=depth)
-
-
-def postprocess(prediction: str) -> str:
-  """RULER's prediction clean-up: strip, then control characters become newlines, strip again."""
-  return re.sub(r"[\x00-\x1f]", "\n", prediction.strip()).strip()
-
-
-def string_match_all(prediction: str, references: Sequence[str]) -> float:
-  """Percentage of references found (case-insensitive substring) in the prediction."""
-  return 100.0 * sum(r.lower() in prediction.lower() for r in references) / len(references)
-
-
-def string_match_part(prediction: str, references: Sequence[str]) -> float:
-  """100 if any reference is found (case-insensitive substring) in the prediction, else 0."""
-  return 100.0 * max(r.lower() in prediction.lower() for r in references)
-
-
-METRICS = {"string_match_all": string_match_all, "string_match_part": string_match_part}
-
-
-def score(sample_or_metric: Sample | str, prediction: str, references: Sequence[str] | None = None) -> float:
-  """RULER's score of one prediction in percent (the task score is the mean over samples, rounded to 2 places)."""
-  if isinstance(sample_or_metric, Sample):
-    metric, references = sample_or_metric.metric, sample_or_metric.outputs
-  else:
-    metric = sample_or_metric
-  if metric not in METRICS:
-    raise RulerError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
-  if not references:
-    raise RulerError("score needs references: pass a Sample, or a metric name and a non-empty references list")
-  return METRICS[metric](postprocess(prediction), references)
+                  format_prompt=format_prompt, depth=depth, add_bos=add_bos)
