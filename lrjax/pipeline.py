@@ -36,6 +36,7 @@ from lrjax import factors as factors_lib
 from lrjax import passkey as passkey_lib
 from lrjax import report
 from lrjax import rope as rope_lib
+from lrjax import schema
 from lrjax import search as search_lib
 from lrjax import tokenizers as tokenizers_lib
 from lrjax import train as train_lib
@@ -43,8 +44,11 @@ from lrjax import weights as weights_lib
 
 STEPS = ("search_8x_dims", "search_8x", "eval_base", "passkey_base", "finetune", "search_second", "recovery",
          "eval_extended", "passkey_extended")
-_KEYS = {"model", "steps", "target_length", "second_length", "search", "second", "recovery", "finetune",
-         "evaluate", "passkey"}
+# Each sub-config is checked by the experiment it configures (search, train, evaluate, passkey) when it runs.
+_SUB = schema.Key(ml_collections.ConfigDict)
+SCHEMA = {"model": schema.STR, "steps": schema.SEQUENCE, "target_length": schema.POSITIVE_INT,
+          "second_length": schema.POSITIVE_INT, "search": _SUB, "second": _SUB, "recovery": _SUB, "finetune": _SUB,
+          "evaluate": _SUB, "passkey": _SUB}
 
 
 class PipelineError(ValueError):
@@ -52,9 +56,7 @@ class PipelineError(ValueError):
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  unknown = set(config.keys()) - _KEYS
-  if unknown:
-    raise PipelineError(f"unknown pipeline config key(s) {sorted(unknown)} (nothing reads them)")
+  schema.check(config, SCHEMA, error=PipelineError)
   bad = [s for s in config.steps if s not in STEPS]
   if bad:
     raise PipelineError(f"unknown step(s) {bad}; expected some of {', '.join(STEPS)}")

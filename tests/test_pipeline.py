@@ -48,3 +48,11 @@ def test_bad_pipeline_configs():
   config.second_length = config.target_length
   with pytest.raises(pipeline.PipelineError, match="must exceed"):
     pipeline.validate(config)
+  config = reproduce_tiny.get_config("smoke")
+  config.warp = 9
+  with pytest.raises(pipeline.PipelineError, match="warp"):
+    pipeline.validate(config)
+  config = reproduce_tiny.get_config("smoke")
+  config.target_length = 0
+  with pytest.raises(pipeline.PipelineError, match="target_length must be >= 1"):
+    pipeline.validate(config)
