@@ -128,10 +128,15 @@ def test_quick_changes_defaults_and_explicit_flags_still_win():
   assert parse(["--allow_noisy"]).allow_noisy
 
 
-def test_run_all_discovers_the_six_benchmarks_and_rejects_unknown_names():
-  names = run_all.discover()
-  assert names == ["eval_throughput", "eval_memory", "train_throughput", "search_throughput", "ring_memory",
-                   "gpu_step"]
+def test_run_all_discovers_every_script_in_order_and_rejects_unknown_names(tmp_path):
+  for f in ["zeta.py", "gpu_step.py", "harness.py", "run_all.py", "_private.py", "eval_memory.py", "alpha.py",
+            "notes.md"]:
+    (tmp_path / f).write_text("")
+  names = run_all.discover(str(tmp_path))
+  assert names == ["eval_memory", "gpu_step", "alpha", "zeta"]  # ORDER first, then alphabetical
+  scripts = sorted(f[:-3] for f in os.listdir(os.path.dirname(run_all.__file__))
+                   if f.endswith(".py") and f not in ("harness.py", "run_all.py"))
+  assert sorted(run_all.discover()) == scripts
   assert run_all.select(names, "gpu_step,eval_memory") == ["eval_memory", "gpu_step"]
   with pytest.raises(ValueError, match="unknown benchmark.*eval_speed"):
     run_all.select(names, "eval_speed")
