@@ -26,6 +26,9 @@ Variants:
               ~150 s at 16k, plus decoding up to EOS): 66 prompts at 4k/8k ~ 1 h, 24 at 16k ~ 1 h. With 3-4
               samples a cell's standard error is large (up to ~30 points for 0/100 scores); the task average
               over 11 tasks is tighter. QA needs SQuAD / HotpotQA files: set squad / hotpotqa and add qa_1 / qa_2.
+  smollm2_16k  the 16k slice of smollm2 with 2 samples per cell (none, YaRN, LongRoPE x niah_single_1,
+              niah_multikey_1: 12 prompts, ~40 min on 2 CPU cores): the run committed in
+              experiments/results/ruler_smollm2.
   smollm2_grid  SmolLM2, niah_single_2 (a needle in the Vim manual) at 2k/4k/8k/16k x 5 depths, 2 samples per cell,
               for none and LongRoPE at every length and YaRN at 16k (~2 h).
 """
@@ -73,6 +76,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.max_new_tokens = 0
     c.sweeps = [sweep([4096, 8192], ["none", "yarn"], SYNTHETIC, 3),
                 sweep([16384], ["none", "yarn", LONGROPE], ["niah_single_1", "niah_multikey_1"], 4)]
+  elif variant == "smollm2_16k":
+    c.model = "smollm2"
+    c.haystack = VIM_MANUAL
+    c.max_new_tokens = 0
+    c.sweeps = [sweep([16384], ["none", "yarn", LONGROPE], ["niah_single_1", "niah_multikey_1"], 2)]
   elif variant == "smollm2_grid":
     c.model = "smollm2"
     c.haystack = VIM_MANUAL

@@ -284,7 +284,7 @@ def test_command_line_reports_a_bad_task_in_one_line(capsys):
   assert err[0].startswith("error: config key config.sweeps[0]: unknown RULER task(s) 'needle'")
 
 
-@pytest.mark.parametrize("variant", ["", "tiny_grid", "smollm2", "smollm2_grid"])
+@pytest.mark.parametrize("variant", ["", "tiny_grid", "smollm2", "smollm2_16k", "smollm2_grid"])
 def test_shipped_configs_validate(variant):
   c = ruler_configs.get_config(variant)
   ruler.validate_config(c)
