@@ -8,7 +8,9 @@ One checkpoint per saved step, `<directory>/<step>/` with three items:
 Saves are asynchronous where orbax supports it (call `wait()` before reading them back or exiting) and
 atomic: orbax writes into a temporary directory and renames it when complete, so a process killed during a
 save leaves the previous checkpoint intact. `restore_latest` walks back from the newest step when a
-checkpoint cannot be read, saying so in one line, and never deletes anything.
+checkpoint cannot be read, saying so in one line, and never deletes anything: the damaged step directory is
+renamed to `<step>.unreadable` (kept for inspection, invisible to orbax) so that training can save that step
+again.
 """
 
 from __future__ import annotations
@@ -50,8 +52,11 @@ class Checkpointer:
     self.directory = epath.Path(directory) if "://" in str(directory) else epath.Path(os.path.abspath(directory))
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "data", "config"))
+    # Handlers named up front: item metadata is then readable before any save or restore in this process
+    # (check_shapes), and orbax does not warn about items it would not know how to restore.
+    handlers = dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler(),
+                    config=ocp.JsonCheckpointHandler())
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def all_steps(self) -> list[int]:
     self._manager.reload()
@@ -104,7 +109,8 @@ class Checkpointer:
     """The newest checkpoint that restores, or None when there is none.
 
     A checkpoint whose shapes do not match `target` raises CheckpointError (a wrong directory, not damage);
-    any other failure is reported in one line and the next older checkpoint is tried. Nothing is deleted.
+    any other failure is reported in one line, the step directory is moved aside to `<step>.unreadable` and
+    the next older checkpoint is tried. Nothing is deleted.
     """
     steps = self.all_steps()
     for i, step in enumerate(reversed(steps)):
@@ -115,14 +121,25 @@ class Checkpointer:
       except Exception as e:  # damaged step directory: fall back to an older one
         older = steps[-2 - i] if i + 1 < len(steps) else None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        report(f"checkpoint {self.directory}/{step} is unreadable ({type(e).__name__}: {first}); "
-               + (f"falling back to step {older}" if older is not None else "no older checkpoint left"))
+        aside = self._move_aside(step)
+        report(f"checkpoint {self.directory}/{step} is unreadable ({type(e).__name__}: {first}); kept as "
+               f"{aside.name}; " + (f"falling back to step {older}" if older is not None
+                                    else "no older checkpoint left"))
         continue
       return step, state, data
     if steps:
       raise CheckpointError(f"no checkpoint in {self.directory} could be restored (steps {steps}); "
                             "nothing was deleted")
     return None
+
+  def _move_aside(self, step: int) -> epath.Path:
+    """Rename step directory `step` to `<step>.unreadable[.N]` (a name orbax does not read as a step)."""
+    aside, n = self.directory / f"{step}.unreadable", 1
+    while aside.exists():
+      aside, n = self.directory / f"{step}.unreadable.{n}", n + 1
+    (self.directory / str(step)).rename(aside)
+    self._manager.reload()
+    return aside
 
   def close(self) -> None:
     self._manager.wait_until_finished()

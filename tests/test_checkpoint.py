@@ -68,22 +68,28 @@ def _copy_tree(src, dst):
   return dst
 
 
-def test_damaged_newest_falls_back_and_deletes_nothing(saved, tmp_path):
+def test_damaged_newest_falls_back_keeps_it_aside_and_training_saves_that_step_again(saved, tmp_path):
   directory = _copy_tree(saved[0], str(tmp_path / "ck"))
   for root, _, files in os.walk(os.path.join(directory, "3", "state")):
     for f in files:  # truncate every array file of the newest checkpoint
       open(os.path.join(root, f), "wb").close()
-  before = sorted(os.listdir(directory))
+  damaged_files = sorted(os.listdir(os.path.join(directory, "3")))
   lines = []
   ck = checkpoint_lib.Checkpointer(directory)
   step, state, data = ck.restore_latest(_target(CFG), report=lines.append)
-  ck.close()
   assert step == 2 and data["position"] == 20
   for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(saved[1][2])):
     np.testing.assert_array_equal(np.asarray(got), want)
   assert len(lines) == 1 and lines[0].startswith(f"checkpoint {directory}/3 is unreadable")
-  assert lines[0].endswith("falling back to step 2")
-  assert sorted(os.listdir(directory)) == before
+  assert lines[0].endswith("kept as 3.unreadable; falling back to step 2")
+  assert sorted(os.listdir(os.path.join(directory, "3.unreadable"))) == damaged_files  # nothing deleted
+  # The resumed run reaches step 3 again and saves it (this used to fail: "Checkpoint for step 3 already exists").
+  assert ck.all_steps() == [1, 2]
+  assert ck.save(3, state, {"position": 30}, {}, force=True)
+  ck.close()
+  ck = checkpoint_lib.Checkpointer(directory)
+  assert ck.all_steps() == [1, 2, 3] and ck.restore_latest(_target(CFG))[2]["position"] == 30
+  ck.close()
 
 
 def test_interrupted_save_is_invisible(saved, tmp_path):
