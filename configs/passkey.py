@@ -32,6 +32,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   c.format = "python"              # paper | python
   c.max_new_tokens = 10
   c.policy = "total_length"        # total_length | reprefill (lrjax.decode)
+  c.prefill_chunk = 0              # tokens per prefill step (prompts padded to whole chunks); 0 = one chunk
   c.progress = True
   if variant == "smollm2":
     c.model = "smollm2"

@@ -30,6 +30,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lrjax import attention as attention_lib
 from lrjax import axes
+from lrjax import kv_cache
 from lrjax import rope as rope_lib
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_proj")
@@ -154,7 +155,7 @@ def _constrain(x, axes):
 def decoder_layer(x: jax.Array, p: dict, positions: jax.Array, inv_freq: jax.Array,
                   rope: rope_lib.RopeArrays, cfg: ModelConfig, cache: dict | None = None,
                   cache_index: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                  original: jax.Array | None = None):
+                  original: jax.Array | None = None, layer: jax.Array | int | None = None):
   """One pre-norm decoder layer.
 
   Args:
@@ -163,8 +164,9 @@ def decoder_layer(x: jax.Array, p: dict, positions: jax.Array, inv_freq: jax.Arr
     positions: i32[b, t] global positions of x's tokens.
     inv_freq: f32[d/2], this layer's scaled inverse frequencies.
     rope: the remaining RopeArrays (base frequencies, mscale, n̂).
-    cache: optional {"k","v": [b, S, K, H], "pos": i32[b, S]} of this layer; new keys are written at
-      cache_index and attention runs over the whole cache.
+    cache: optional whole KV cache (all layers; lrjax.kv_cache): this layer's new keys are written at
+      cache_index and its queries attend over the layer's slots (sharded over the mesh's sequence axis with
+      ring attention); `layer` is this layer's index into it.
     segment_ids: optional i32[b, t] document ids (packed rows): attention stays within a document.
     original: optional bool[b, t]: tokens that keep the original RoPE (LongRoPE2 mixed context window).
   Returns:
@@ -186,15 +188,9 @@ def decoder_layer(x: jax.Array, p: dict, positions: jax.Array, inv_freq: jax.Arr
   q, k = rope_lib.apply_rope(q, cos, sin), rope_lib.apply_rope(k, cos, sin)
   kw = dict(block_q=cfg.block_q, block_k=cfg.block_k, sliding_window=cfg.sliding_window)
   if cache is not None:
-    k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, 1)
-    v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, 1)
-    k_pos = jax.lax.dynamic_update_slice_in_dim(cache["pos"], positions, cache_index, 1)
-    cache = {"k": k_all, "v": v_all, "pos": k_pos}
-    # A cache is one device's keys at arbitrary positions: the ring does not apply, and the fast kernels
-    # fall back by themselves when query and key lengths differ.
-    impl = "blockwise" if cfg.attention.startswith("ring") else cfg.attention
-    a = attention_lib.attention(q, k_all.astype(dt), v_all.astype(dt), positions, k_pos, implementation=impl,
-                                **kw)
+    shards = kv_cache.shards(cfg)
+    cache = kv_cache.write(cache, layer, k, v, positions, cache_index, shards)
+    a = kv_cache.attend(q, positions, cache, layer, cfg, shards)
   else:
     a = attention_lib.attention(q, k, v, positions, positions, implementation=cfg.attention,
                                 q_segment=segment_ids, k_segment=segment_ids, axis_name=cfg.sequence_axis, **kw)
@@ -234,7 +230,8 @@ class Llama(nn.Module):
                segment_ids: jax.Array | None = None, original: jax.Array | None = None):
     """Args:
       tokens: i32[b, t]; positions: i32[b, t] global positions; rope: RopeArrays (inv_freq [L, d/2]).
-      cache: optional {"k","v": [L, b, S, K, H], "pos": i32[L, b, S]}; cache_index: where t new tokens go.
+      cache: optional {"k","v": [L, b, S, K, H], "pos": i32[L, b, S]}; cache_index: where t new tokens go
+        (lrjax.kv_cache: the layout, and the write rule when the cache is sharded over the sequence axis).
       segment_ids: optional i32[b, t] document ids of packed rows (attention within a document only).
       original: optional bool[b, t] tokens that keep the original RoPE (LongRoPE2 mixed context window).
     Returns:
@@ -247,10 +244,11 @@ class Llama(nn.Module):
     x = jnp.take(self.embed, tokens, axis=0, mode="clip").astype(dt)
     x = _constrain(x, ("batch", "length", "embed"))
 
-    def body(x, layer):
-      p, inv_freq, layer_positions, layer_cache, layer_segments, layer_original = layer
-      return decoder_layer(x, p, layer_positions, inv_freq, rope, c, layer_cache, cache_index, layer_segments,
-                           layer_original)
+    def body(carry, layer):
+      x, cache = carry
+      p, inv_freq, layer_positions, layer_segments, layer_original, index = layer
+      return decoder_layer(x, p, layer_positions, inv_freq, rope, c, cache, cache_index, layer_segments,
+                           layer_original, index), None
 
     if c.remat != "none":
       body = jax.checkpoint(body, policy=_remat_policy(c.remat), prevent_cse=not c.scan_layers)
@@ -258,16 +256,16 @@ class Llama(nn.Module):
     # grad, scan's partial evaluation hoists everything computed from loop constants out of the loop, which
     # would materialise every attention block's mask at once (O(t^2) memory). [L, b, t] ints cost nothing.
     per_layer = lambda a: None if a is None else jnp.broadcast_to(a, (c.num_layers,) + a.shape)
-    xs = (self.layers, rope.inv_freq, per_layer(positions), cache, per_layer(segment_ids), per_layer(original))
+    # The cache rides in the carry, each layer writing its new slots in place; as a scanned input and output it
+    # would be held twice.
+    xs = (self.layers, rope.inv_freq, per_layer(positions), per_layer(segment_ids), per_layer(original),
+          jnp.arange(c.num_layers))
     if c.scan_layers:
-      x, new_cache = jax.lax.scan(body, x, xs)
+      (x, cache), _ = jax.lax.scan(body, (x, cache), xs)
     else:
-      outs = []
       for i in range(c.num_layers):
-        x, layer_cache = body(x, jax.tree.map(lambda a: a[i], xs))
-        outs.append(layer_cache)
-      new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    return rms_norm(x, self.final_norm, c.rms_norm_eps), new_cache
+        (x, cache), _ = body((x, cache), jax.tree.map(lambda a: a[i], xs))
+    return rms_norm(x, self.final_norm, c.rms_norm_eps), cache
 
 
 def _init_for(name):

@@ -78,13 +78,15 @@ def score(continuation: str, key: int) -> bool:
 
 def accuracy(config: model_lib.ModelConfig, params: dict, tokenizer, *, lengths: list[int],
              scaling_for_length, samples: int = 10, seed: int = 42, fmt: str = "paper",
-             max_new_tokens: int = 10, policy: str = "total_length", progress=None) -> list[dict]:
+             max_new_tokens: int = 10, policy: str = "total_length", prefill_chunk: int | None = None,
+             progress=None) -> list[dict]:
   """Passkey accuracy per length.
 
   Args:
     scaling_for_length: callable length -> RopeScaling (or None for the checkpoint's own).
     samples: prompts per length; each length reseeds its generator with (seed, length), so results do not
       depend on which other lengths run.
+    prefill_chunk: tokens per prefill step (lrjax.decode.greedy_generate); None: one chunk.
     progress: optional callable(done, total) for progress display.
   Returns:
     [{"length", "accuracy", "correct", "samples", "keys", "answers"}] in the order of `lengths`.
@@ -98,7 +100,7 @@ def accuracy(config: model_lib.ModelConfig, params: dict, tokenizer, *, lengths:
     for _ in range(samples):
       sample = build_sample(tokenizer, length, rng, fmt)
       out = decode.greedy_generate(config, params, sample.tokens[None], max_new_tokens, scaling=scaling,
-                                   policy=policy)
+                                   policy=policy, prefill_chunk=prefill_chunk)
       answer = tokenizer.decode([int(x) for x in out[0]])
       ok = score(answer, sample.key)
       correct += ok
@@ -122,7 +124,8 @@ def _schema():
           "original_length": schema.NON_NEGATIVE_INT,
           "lengths": schema.SEQUENCE, "settings": schema.SEQUENCE, "samples": schema.POSITIVE_INT, "seed": schema.INT,
           "format": schema.Key(str, choices=tuple(FORMATS)), "max_new_tokens": schema.POSITIVE_INT,
-          "policy": schema.Key(str, choices=decode.POLICIES), "progress": schema.BOOL}
+          "policy": schema.Key(str, choices=decode.POLICIES), "prefill_chunk": schema.NON_NEGATIVE_INT,
+          "progress": schema.BOOL}
 
 
 class PasskeyError(ValueError):
@@ -154,7 +157,7 @@ def run(config, workdir: str, *, model=None, print_fn=print) -> dict:
       out = accuracy(model_config, params, tokenizer, lengths=lengths, scaling_for_length=setting.scaling_at,
                      samples=config.samples, seed=config.seed, fmt=config.format,
                      max_new_tokens=config.max_new_tokens, policy=config.policy,
-                     progress=lambda done, total: bar.update(1))
+                     prefill_chunk=config.prefill_chunk or None, progress=lambda done, total: bar.update(1))
       rows[setting.label] = {r["length"]: r["accuracy"] for r in out}
       details[setting.label] = out
       _write(workdir, rows, details, lengths, model_config)
