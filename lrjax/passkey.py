@@ -60,9 +60,9 @@ def build_sample(tokenizer, target_tokens: int, rng: np.random.Generator, fmt: s
   split = int(rng.integers(0, budget + 1))
   text = f["joiner"].join([f["intro"], filler[:split], needle, filler[split:], f["question"]])
   tokens = np.asarray(_encode(tokenizer, text), np.int32)
-  bos = getattr(tokenizer, "bos_id", None)
-  if bos is not None:
-    tokens = np.concatenate([[bos], tokens]).astype(np.int32)
+  # BOS exactly when the checkpoint's tokenizer adds it to model input (SmolLM2 has a BOS id but adds none).
+  if getattr(tokenizer, "add_bos", getattr(tokenizer, "bos_id", None) is not None):
+    tokens = np.concatenate([[tokenizer.bos_id], tokens]).astype(np.int32)
   return Sample(tokens=tokens, key=key, depth=split / max(budget, 1))
 
 

@@ -29,6 +29,17 @@ def test_prompt_has_needle_at_target_length(fmt, length):
   assert 1 <= s.key <= 50000
 
 
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_bos_only_when_the_tokenizer_adds_it(add_bos):
+  class WithBos(Bytes):
+    bos_id = 0
+  tok = WithBos()
+  tok.add_bos = add_bos
+  s = passkey.build_sample(tok, 256, np.random.default_rng(0))
+  plain = passkey.build_sample(Bytes(), 256, np.random.default_rng(0))
+  np.testing.assert_array_equal(s.tokens, np.concatenate([[0], plain.tokens]) if add_bos else plain.tokens)
+
+
 def test_needle_depth_is_uniform_and_reproducible():
   depths = [passkey.build_sample(Bytes(), 1024, np.random.default_rng(i)).depth for i in range(200)]
   assert 0.4 < np.mean(depths) < 0.6 and min(depths) < 0.1 and max(depths) > 0.9
