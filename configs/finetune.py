@@ -10,6 +10,13 @@ Variants:
               paper follows for both its 128k and 256k Mistral models; the factor file picks which).
   llama2_v5p, mistral_v5p   the same recipes laid out for a TPU v5p-128 slice (64 chips, 95 GB HBM each)
               instead of 8 x H100 (80 GB): data=8 x sequence=8 (LLaMA2) or data=8 x fsdp=8 (Mistral).
+  longrope2_mix   LongRoPE2's mid-training of LLaMA3-8B to 128k (LongRoPE2 §3.3, §4.1): 10B tokens, 1 epoch
+              (1192 steps of 64 x 128k), lr 2e-5 cosine, on a mixture of prepared directories (token shares:
+              RedPajama-v1 45%, RedPajama-v2 25%, StarCoder 20% (documents of 8k-200k tokens), FineWeb-Edu 10%
+              (short: <= 8k)), every row packed from documents with BOS/EOS, document masks and positions
+              restarting per document, and the mixed context window: documents <= 8192 tokens (L_train) keep
+              the original RoPE, longer ones use the searched LongRoPE2 factors. 64 A100-80GB as in the paper:
+              data=8 x sequence=8 (ring attention over 8 GPUs per sequence).
   tiny        the built-in byte-level model (lrjax/assets/model, window 256) fine-tuned at 8x = 2048 tokens;
               rope defaults to linear interpolation (PI, factor 8); pass a searched LongRoPE factor file as
               --config.stages[0].rope=... to fine-tune LongRoPE. About 10-25 s/step on 2 shared CPU
@@ -37,6 +44,9 @@ _FACTORS = os.path.join(_ROOT, "configs", "factors")
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
                  num_kv_heads=32, head_dim=128, rope_theta=10000.0, max_position_embeddings=4096,
+                 tie_word_embeddings=False, rms_norm_eps=1e-5)
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                 num_kv_heads=8, head_dim=128, rope_theta=500000.0, max_position_embeddings=8192,
                  tie_word_embeddings=False, rms_norm_eps=1e-5)
 # Mistral-7B v0.1 was trained at 4096 tokens (its sliding window) although max_position_embeddings says 32768;
 # the paper and the official code measure s against 4096.
@@ -96,6 +106,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh.update(data=8, fsdp=8, sequence=1, tensor=1)
     c.accumulation = 1
     c.device_memory_gb = 95.0
+  elif arg == "longrope2_mix":
+    _large(c, LLAMA3_8B)
+    c.init = "/path/to/Meta-Llama-3-8B"
+    c.data.tokenizer = "/path/to/Meta-Llama-3-8B/tokenizer.json"
+    c.data.source = ""
+    # Directories prepared by experiments/prepare_data.py with the model's tokenizer; weights are token shares
+    # (every row is full, so row shares are token shares); length filters count packed tokens.
+    c.data.mixture = [
+        dict(path="/path/to/records/redpajama_v1", weight=0.45, min_tokens=0, max_tokens=200000),
+        dict(path="/path/to/records/redpajama_v2", weight=0.25, min_tokens=0, max_tokens=200000),
+        dict(path="/path/to/records/starcoder", weight=0.20, min_tokens=8192, max_tokens=200000),
+        dict(path="/path/to/records/fineweb_edu", weight=0.10, min_tokens=0, max_tokens=8192)]
+    c.data.update(document_mask=True, reset_positions=True, mixed_original_length=8192)
+    c.model.attention = "ring"
+    c.mesh.update(data=8, fsdp=1, sequence=8, tensor=1)
+    c.batch_size = 64
+    c.accumulation = 8  # one sequence per data replica per microbatch
+    c.stages = [_stage(131072, 1192, "/path/to/longrope2_llama3_8b_128k.json", 2e-5, "cosine")]
   elif arg == "tiny":
     c.init = "builtin"
     c.batch_size = 4
@@ -103,5 +131,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stages = [_stage(2048, 200, "linear", 2e-4, "linear", warmup=10, rope_factor=8.0)]
     c.checkpoint_every = 50
   else:
-    raise ValueError(f"unknown finetune variant {arg!r}; expected llama2, llama2_v5p, mistral, mistral_v5p or tiny")
+    raise ValueError(f"unknown finetune variant {arg!r}; expected llama2, llama2_v5p, mistral, mistral_v5p, "
+                     "longrope2_mix or tiny")
   return c

@@ -28,6 +28,7 @@ import gzip
 import io
 import json
 import os
+import posixpath
 import re
 from typing import Iterator, NamedTuple
 
@@ -173,11 +174,14 @@ def _glob_regex(pattern: str) -> re.Pattern:
 
 
 def _folder_documents(folder: str, pattern: str) -> Iterator[Document]:
-  """Files by walking the tree (epath's glob has no `**`, and its fsspec glob mangles URIs)."""
+  """Files by walking the tree (epath's glob has no `**`, and its fsspec glob mangles URIs). fsspec names the
+  directories it walks without the protocol (gcsfs: "bucket/dir"), so names are made relative as strings."""
   root = epath.Path(folder)
+  unprefixed = lambda path: os.fspath(path).split("://", 1)[-1].rstrip("/")
+  base = unprefixed(root)
   match = _glob_regex(pattern).fullmatch
   files = sorted(rel for top, _, names in root.walk() for name in names
-                 if match(rel := (top / name).relative_to(root).as_posix()))
+                 if match(rel := posixpath.join(unprefixed(top)[len(base):].lstrip("/"), name)))
   if not files:
     raise DataError(f"{folder}: no files match {pattern!r}")
   for rel in files:

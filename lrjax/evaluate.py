@@ -15,6 +15,7 @@ import time
 from typing import Callable
 
 import jax
+from etils import epath
 
 from lrjax import model as model_lib
 from lrjax import rope as rope_lib
@@ -50,7 +51,7 @@ _FILE_OPTIONS = {"target_length", "temperature_from"}
 
 def _split_options(body: str) -> tuple[str, dict]:
   """PATH?key=value&key=value -> (PATH, options); a path that exists as given is never split."""
-  if "?" not in body or os.path.exists(body):
+  if "?" not in body or epath.Path(body).exists():
     return body, {}
   path, query = body.split("?", 1)
   options = {}
@@ -86,7 +87,7 @@ def parse_setting(spec: str, config: model_lib.ModelConfig) -> Setting:
   """
   spec = str(spec).strip()
   label, body = None, spec
-  if "=" in spec and not os.path.exists(spec) and not os.path.exists(spec.split("?", 1)[0]):
+  if "=" in spec and not epath.Path(spec).exists() and not epath.Path(spec.split("?", 1)[0]).exists():
     label, body = (part.strip() for part in spec.split("=", 1))
     if not label or not body:
       raise EvalError(f"setting {spec!r}: expected LABEL=SPEC")
@@ -114,12 +115,12 @@ def parse_setting(spec: str, config: model_lib.ModelConfig) -> Setting:
   elif name == "dynamic" and (not arg or fixed is not None):
     scaling = rope_lib.RopeScaling("dynamic", factor=fixed or 1.0, original_max_position_embeddings=original)
     scaling_at = lambda n: scaling
-  elif os.path.isfile(path):
+  elif epath.Path(path).is_file():  # any epath location (gs://, ...)
     scaling = _factor_file_setting(path, options, config)
     scaling_at = lambda n: scaling
     if label is None:
-      parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
-      label = f"{parent}/{os.path.basename(path)}" if parent else os.path.basename(path)
+      file = epath.Path(path) if "://" in path else epath.Path(os.path.abspath(path))
+      label = f"{file.parent.name}/{file.name}" if file.parent.name else file.name
   else:
     raise EvalError(f"setting {spec!r}: not a method (none, model, pi, linear, ntk, yarn, llama3, dynamic, "
                     "optionally METHOD:S) nor an existing factor file")
@@ -224,8 +225,8 @@ def run(config, workdir: str, *, model: tuple[model_lib.ModelConfig, dict] | Non
   if jax.device_count() > 1:
     from lrjax import sharding as sharding_lib
     mesh = sharding_lib.make_mesh(config.mesh)
-  os.makedirs(workdir, exist_ok=True)
-  files = {k: os.path.join(workdir, v) for k, v in
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # any epath location (gs://, ...)
+  files = {k: os.fspath(epath.Path(workdir) / v) for k, v in
            (("csv", "results.csv"), ("json", "results.json"), ("table", "table.txt"), ("plot", "ppl.png"))}
   cells, table = [], {}
   total = sum(count_windows(docs, n, **kw) for docs in documents.values() for n in lengths) * len(settings)

@@ -15,7 +15,7 @@ Two file formats:
 
 Factor files are validated when read: count == rotary_dim/2 (when the caller knows it), rows == layers for
 per-layer tables, every value finite and > 0. Monotonicity is not required: the published Mistral tables are
-not monotone.
+not monotone. Paths are any etils.epath location (local, gs://, ...).
 
 `rope_scaling_from_hf` parses the transformers-4 form (top-level rope_theta + rope_scaling) and the
 transformers-5 form (rope_parameters, possibly nested per layer type); `rope_scaling_to_hf` writes both at once,
@@ -33,6 +33,7 @@ import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
+from etils import epath
 
 from lrjax import report
 from lrjax import rope
@@ -192,8 +193,7 @@ def read(path: str | os.PathLike, *, n_layers: int | None = None, rotary_dim: in
   """
   path = os.fspath(path)
   try:
-    with open(path) as f:
-      text = f.read()
+    text = epath.Path(path).read_text()  # any epath location (gs://, ...)
   except OSError as e:
     raise FactorFileError(f"{path}: cannot read factor file ({e.strerror or e})") from None
   if text.lstrip().startswith("{"):
@@ -221,7 +221,7 @@ def read(path: str | os.PathLike, *, n_layers: int | None = None, rotary_dim: in
     arr = _read_csv(path, text)
     _check_values(path, {"long_factor": arr})
     scaling = rope.RopeScaling(method="longrope", factor=None, long_factor=arr)
-    target, provenance = None, {"source": os.path.basename(path)}
+    target, provenance = None, {"source": epath.Path(path).name}
   validate(scaling, n_layers=n_layers, rotary_dim=rotary_dim, source=path)
   return FactorFile(scaling, target, provenance)
 

@@ -140,7 +140,7 @@ def test_search_configs_run_on_their_mesh(variant, tmp_path):
     assert search.search_mesh(c).shape["sequence"] == 8 and c.attention == "ring"
 
 
-FINETUNE = ["tiny", "llama2", "llama2_v5p", "mistral", "mistral_v5p"]
+FINETUNE = ["tiny", "llama2", "llama2_v5p", "mistral", "mistral_v5p", "longrope2_mix"]
 
 
 @pytest.mark.parametrize("variant", FINETUNE)
@@ -156,9 +156,16 @@ def test_finetune_configs_run_on_their_mesh(variant, tmp_path):
     c.init = paper_model(tmp_path, window)
     c.model.update(vocab_size=256, hidden_size=128, intermediate_size=128, num_layers=1, num_heads=1,
                    num_kv_heads=1, head_dim=128, max_position_embeddings=window, original_max_position_embeddings=None,
-                   rms_norm_eps=1e-6,
+                   rms_norm_eps=1e-6, rope_theta=10000.0,
                    block_q=64, block_k=64, dtype="float32", remat="none")
-    c.data.update(source="builtin:train", tokenizer="byte")
+    c.data.tokenizer = "byte"
+    if c.data.mixture:  # stand-in documents for each prepared source; its length filters scaled alike
+      docs = stand_in_documents(tmp_path, [20, 30, 60, 200, 500, 700, 900, 1200])
+      for m in c.data.mixture:
+        m.update(path=docs, min_tokens=m["min_tokens"] // RATIO, max_tokens=m["max_tokens"] // RATIO)
+      c.data.mixed_original_length //= RATIO
+    else:
+      c.data.source = "builtin:train"
     c.loss_chunk = 64
     for stage in c.stages:
       stage.length //= RATIO

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from lrjax import data, records, tokenizers
+from lrjax import data, records, testing, tokenizers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "the quick brown fox jumps over a lazy dog and then sleeps".split()
@@ -33,16 +33,9 @@ def _jsonl(path, texts):
 
 
 def _word_tokenizer(tmp_path):
-  """A Hugging Face WordLevel tokenizer.json with <s>/</s> in its post-processor (BOS 1, EOS 2)."""
-  tk = pytest.importorskip("tokenizers")
-  vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-  tok = tk.Tokenizer(tk.models.WordLevel(vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = tk.pre_tokenizers.Whitespace()
-  tok.post_processor = tk.processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1),
-                                                                                                ("</s>", 2)])
-  path = tmp_path / "tokenizer.json"
-  tok.save(str(path))
-  return str(path)
+  """A Hugging Face WordLevel tokenizer.json over WORDS with <s>/</s> added (BOS 1, EOS 2)."""
+  pytest.importorskip("tokenizers")
+  return testing.word_tokenizer(tmp_path / "tokenizer.json", WORDS)
 
 
 def test_prepare_matches_the_source_and_records_the_tokenizer(tmp_path):

@@ -1,14 +1,19 @@
 """Hugging Face checkpoint directories: config.json + safetensors (single or sharded), or torch .bin read with
-torch.load(weights_only=True) only; written as safetensors that transformers 4.x and 5.x load."""
+torch.load(weights_only=True) only; written as safetensors that transformers 4.x and 5.x load, to a local
+directory or any etils.epath location (gs://, ...)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
-from typing import Callable, Mapping
+import shutil
+import tempfile
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
+from etils import epath
 
 from lrjax import model as model_lib
 from lrjax import rope as rope_lib
@@ -181,6 +186,28 @@ def plan_shards(cfg: model_lib.ModelConfig, dtype, max_shard_bytes: int | None, 
   return shards
 
 
+@contextlib.contextmanager
+def _staged(directory: str | os.PathLike, overwrite: bool) -> Iterator[str]:
+  """A local directory to write the checkpoint into: staged_directory's for a local destination; for a remote
+  one (gs://...), a temporary directory uploaded through etils.epath once complete. Object stores have no
+  directory rename, so config.json (what marks an HF directory) is uploaded last."""
+  if "://" not in os.fspath(directory):
+    with staged_directory(directory, overwrite) as tmp:
+      yield tmp
+    return
+  dest = epath.Path(directory)
+  if dest.exists() and list(dest.iterdir()) and not overwrite:
+    raise WeightsError(f"{dest} exists and is not empty (pass overwrite=True to replace it)")
+  with tempfile.TemporaryDirectory(prefix="lrjax-export-") as tmp:
+    yield tmp
+    if dest.exists():
+      dest.rmtree()
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
+      with open(os.path.join(tmp, name), "rb") as src, (dest / name).open("wb") as dst:
+        shutil.copyfileobj(src, dst, 64 << 20)
+
+
 def save_hf(directory: str | os.PathLike, config: model_lib.ModelConfig, params: dict, *,
             rope_scaling: rope_lib.RopeScaling | None = None, dtype: str = "float32",
             max_shard_bytes: int | None = None, overwrite: bool = False, allow_dropping_n_hat: bool = False,
@@ -188,7 +215,7 @@ def save_hf(directory: str | os.PathLike, config: model_lib.ModelConfig, params:
   """Writes an HF checkpoint of the model's architecture that transformers 4.x and 5.x load.
 
   Args:
-    directory: destination; must not exist or be empty, unless overwrite=True.
+    directory: destination (local or any epath location); must not exist or be empty, unless overwrite=True.
     config, params: the model (params in lrjax's layout, numpy or jax arrays).
     rope_scaling: the scaling to write into config.json (default: config.rope_scaling).
     dtype: storage dtype of the tensors.
@@ -203,7 +230,7 @@ def save_hf(directory: str | os.PathLike, config: model_lib.ModelConfig, params:
   key = arch.export_architecture(config)
   shards = plan_shards(config, target, max_shard_bytes, key)
   from safetensors.numpy import save_file
-  with staged_directory(directory, overwrite) as tmp:
+  with _staged(directory, overwrite) as tmp:
     tensors = arch.hf_tensors(config, flat, target, key)
     weight_map = {}
     for k, names in enumerate(shards):
