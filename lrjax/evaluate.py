@@ -17,9 +17,14 @@ from typing import Callable
 import jax
 from etils import epath
 
+from lrjax import data as data_lib
+from lrjax import factors as factors_lib
 from lrjax import model as model_lib
+from lrjax import report
 from lrjax import rope as rope_lib
 from lrjax import schema
+from lrjax import sharding as sharding_lib
+from lrjax import weights
 from lrjax.perplexity import (PROTOCOLS, SHORT_DOCUMENT_POLICIES, EvalError, count_windows, perplexity,
                               sample_documents)
 
@@ -67,7 +72,6 @@ def _factor_file_setting(path: str, options: dict, config: model_lib.ModelConfig
   target = options.get("target_length")
   if target is not None and (not target.isdigit() or int(target) < 2):
     raise EvalError(f"factor file {path}: target_length must be a positive integer, got {target!r}")
-  from lrjax import factors as factors_lib
   try:
     scaling = factors_lib.resolve_file(path, original_length=config.original_length,
                                        target_length=int(target) if target else None,
@@ -153,11 +157,8 @@ def validate_config(config) -> None:
 
 def load_model(config) -> tuple[model_lib.ModelConfig, dict]:
   """(ModelConfig with the config's execution settings and original window, params) of config.model."""
-  from lrjax import weights
   try:
-    model_config, params = weights.load_model(config.model, dtype=config.dtype, attention=config.attention,
-                                              block_q=config.block_q, block_k=config.block_k,
-                                              sliding_window=config.sliding_window)
+    model_config, params = weights.load_model_for(config)
   except ValueError as e:
     raise EvalError(str(e)) from None
   return model_config, params
@@ -165,7 +166,6 @@ def load_model(config) -> tuple[model_lib.ModelConfig, dict]:
 
 def load_tokenizer_for(config):
   """config.tokenizer, with "auto" = the model's own (lrjax.weights.model_tokenizer)."""
-  from lrjax import weights
   try:
     return weights.model_tokenizer(config.model, config.tokenizer)
   except weights.WeightsError as e:
@@ -174,7 +174,6 @@ def load_tokenizer_for(config):
 
 def _documents(config, tokenizer, lengths: list[int]) -> tuple[dict, dict]:
   """{source: documents} and {source: indices of the qualifying documents used}."""
-  from lrjax import data as data_lib
   min_tokens = max(lengths) if config.min_tokens == -1 else int(config.min_tokens)
   documents, chosen = {}, {}
   for src in (str(s) for s in config.data):
@@ -205,7 +204,6 @@ def run(config, workdir: str, *, model: tuple[model_lib.ModelConfig, dict] | Non
   Returns:
     {"table": {row: {length: ppl}}, "cells": [...], "files": {...}}.
   """
-  from lrjax import report
   validate_config(config)
   if not workdir:
     raise EvalError("--workdir is required")
@@ -223,7 +221,6 @@ def run(config, workdir: str, *, model: tuple[model_lib.ModelConfig, dict] | Non
             short_documents=config.short_documents)
   mesh = None
   if jax.device_count() > 1:
-    from lrjax import sharding as sharding_lib
     mesh = sharding_lib.make_mesh(config.mesh)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # any epath location (gs://, ...)
   files = {k: os.fspath(epath.Path(workdir) / v) for k, v in
@@ -266,7 +263,6 @@ def _title(config, model_config: model_lib.ModelConfig, stride: int | None) -> s
 
 
 def _write_outputs(files, config, model_config, cells, table, lengths, chosen) -> None:
-  from lrjax import report
   columns = ["source", "setting", "length", "ppl", "token_ppl", "mean_nll", "nll_sum", "count", "num_documents",
              "num_windows", "protocol", "stride", "seconds"]
   report.write_csv(files["csv"], columns, [[c[k] if c[k] is not None else "" for k in columns] for c in cells])

@@ -14,8 +14,11 @@ import re
 import numpy as np
 
 from lrjax import decode
+from lrjax import evaluate
 from lrjax import model as model_lib
+from lrjax import report
 from lrjax import rope as rope_lib
+from lrjax import schema
 
 FORMATS = {
     "paper": dict(
@@ -118,7 +121,6 @@ def accuracy(config: model_lib.ModelConfig, params: dict, tokenizer, *, lengths:
 # The passkey experiment (experiments/passkey.py, configs/passkey.py): settings x lengths -> accuracy table.
 
 def _schema():
-  from lrjax import schema
   return {"model": schema.STR, "tokenizer": schema.STR, "dtype": schema.STR, "attention": schema.STR,
           "block_q": schema.POSITIVE_INT, "block_k": schema.POSITIVE_INT, "sliding_window": schema.Key(int, minimum=-1),
           "original_length": schema.NON_NEGATIVE_INT,
@@ -138,7 +140,6 @@ def run(config, workdir: str, *, model=None, print_fn=print) -> dict:
   Settings use lrjax.evaluate's grammar (none, yarn, a factor file, ...; derived methods take s = length / L).
   Results are rewritten after every setting, so an interrupted run keeps what it finished.
   """
-  from lrjax import evaluate, report, schema
   schema.check(config, _schema(), error=PasskeyError)
   if not workdir:
     raise PasskeyError("--workdir is required")
@@ -168,7 +169,6 @@ def run(config, workdir: str, *, model=None, print_fn=print) -> dict:
 
 
 def _write(workdir, rows, details, lengths, model_config) -> None:
-  from lrjax import report
   text = report.format_table(list(rows), lengths, lambda r, n: rows[r][n], row_header="setting \\ length")
   report.write_text(os.path.join(workdir, "table.txt"), f"original window L = {model_config.original_length}\n"
                     + text + "\n")

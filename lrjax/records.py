@@ -39,6 +39,7 @@ import numpy as np
 from etils import epath
 
 from lrjax import data as data_lib
+from lrjax import schema
 from lrjax import tokenizers as tokenizers_lib
 
 FORMAT = "lrjax.records/1"
@@ -342,7 +343,6 @@ class Records:
 
 def run(config, workdir: str) -> str:
   """experiments/prepare_data.py: prepare config.source into workdir; returns the summary line."""
-  from lrjax import schema
   schema.check(config, {"source": schema.STR, "tokenizer": schema.STR, "shard_documents": schema.POSITIVE_INT,
                         "num_workers": schema.NON_NEGATIVE_INT, "max_documents": schema.NON_NEGATIVE_INT,
                         "progress": schema.BOOL}, error=RecordsError)

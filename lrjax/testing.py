@@ -26,8 +26,11 @@ import threading
 import urllib.parse
 from typing import Iterator, Sequence
 
+import jax
 import numpy as np
 from fsspec.implementations.memory import MemoryFileSystem
+
+from lrjax import model, weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,14 +40,11 @@ TINY = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, 
 
 def tiny_config(**overrides):
   """A tiny byte-vocabulary LLaMA (GQA 2:1, 8 rotary pairs, window 64)."""
-  from lrjax import model
   return model.ModelConfig(**{**TINY, **overrides})
 
 
 def save_tiny_hf(path, seed: int = 0, **overrides) -> str:
   """A random tiny model saved as a Hugging Face directory at `path`; returns the path."""
-  import jax
-  from lrjax import model, weights
   cfg = tiny_config(**overrides)
   weights.save_hf(path, cfg, jax.tree.map(np.asarray, model.init_params(cfg, jax.random.PRNGKey(seed))))
   return str(path)

@@ -197,9 +197,7 @@ def main(config, workdir: str) -> dict | SearchResult:
   if not workdir:
     raise SearchError("--workdir is required")
   try:
-    model_config, params = weights.load_model(config.model, dtype=config.dtype, attention=config.attention,
-                                              block_q=config.block_q, block_k=config.block_k,
-                                              sliding_window=config.sliding_window)
+    model_config, params = weights.load_model_for(config)
   except ValueError as e:
     raise SearchError(str(e)) from None
   tokenizer = weights.model_tokenizer(config.model, config.data.tokenizer)

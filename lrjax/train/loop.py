@@ -25,7 +25,9 @@ from jax.experimental import multihost_utils
 
 from lrjax import checkpoint as checkpoint_lib
 from lrjax import model as model_lib
+from lrjax import report as report_lib
 from lrjax import sharding as sharding_lib
+from lrjax import weights
 from lrjax.train import feed as feed_lib
 from lrjax.train import metrics as metrics_lib
 from lrjax.train import optim, step as step_lib
@@ -100,7 +102,6 @@ def _initial_params(config, model_cfg: model_lib.ModelConfig, key: jax.Array, me
   process reading only its slices), whose architecture must equal config.model's."""
   if not config.init:
     return jax.jit(lambda k: model_lib.init_params(model_cfg, k), out_shardings=shardings)(key)
-  from lrjax import weights
   path = weights.model_path(config.init)
   try:
     if weights.checkpoint_format(path) == "hf" and (epath.Path(path) / "config.json").exists():
@@ -119,7 +120,6 @@ def _initial_params(config, model_cfg: model_lib.ModelConfig, key: jax.Array, me
 def export_hf(directory: str, model_cfg: model_lib.ModelConfig, params, stage: Stage) -> None:
   """Write params as a Hugging Face directory (process 0, after gathering; the others wait); a non-default
   stage rope goes into config.json with max_position_embeddings = max(the model's, the stage length)."""
-  from lrjax import weights
   host = multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1 else \
       jax.device_get(params)
   if jax.process_index() == 0:
@@ -143,7 +143,6 @@ def _stage_at(stages, step: int) -> tuple[int, int]:
 
 def _setup(config, workdir: str, report) -> tuple[_Run, Any, int, dict | None]:
   """Validates everything up front, then restores the newest checkpoint or initialises."""
-  from lrjax import weights
   validate_config(config)
   if not workdir:
     raise TrainError("--workdir is required")
@@ -273,7 +272,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, report: Callable[[
   Raises:
     TrainError (and subclasses of ValueError from lrjax modules) with a one-line message for bad input.
   """
-  from lrjax import report as report_lib
   run, state, step, data_state = _setup(config, workdir, report)
   preempted = False
   total = sum(s.steps for s in run.stages)

@@ -23,5 +23,5 @@ from lrjax.weights.hf import load_hf, parse_size, read_config, save_hf
 from lrjax.weights.meta import hf_to_meta_qk, load_meta, meta_intermediate_size, meta_to_hf_qk, save_meta
 from lrjax.weights.native import config_from_dict, config_to_dict, load_native, save_native
 from lrjax.weights.sharded import load_sharded
-from lrjax.weights.registry import (BUILTIN_MODEL, SMOLLM2_FILE, checkpoint_format, load, load_model,
+from lrjax.weights.registry import (BUILTIN_MODEL, SMOLLM2_FILE, checkpoint_format, load, load_model, load_model_for,
                                         model_path, model_tokenizer, original_length_of, smollm2_path)

@@ -97,6 +97,14 @@ def load_model(spec: str, **execution) -> tuple[model_lib.ModelConfig, dict]:
   return cfg.replace(**execution), params
 
 
+EXECUTION_KEYS = ("dtype", "attention", "block_q", "block_k", "sliding_window")
+
+
+def load_model_for(config) -> tuple[model_lib.ModelConfig, dict]:
+  """load_model of an experiment config: its `model` with its execution keys (EXECUTION_KEYS)."""
+  return load_model(config.model, **{k: config[k] for k in EXECUTION_KEYS})
+
+
 def model_tokenizer(model: str, tokenizer: str = "auto"):
   """The tokenizer of a config's (model, tokenizer) pair: "auto" is the model's own (its directory's
   tokenizer.json / tokenizer.model, a GGUF's metadata, bytes for the built-in model); else a tokenizer spec."""
