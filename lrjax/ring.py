@@ -302,10 +302,9 @@ def _problems(mesh, axis_name, q, k, v, q_pos, k_pos, q_segment, k_segment):
     return [f"ring axis {axis_name!r} is not in the mesh axes {names}"]
   batch = batch_axes(mesh, axis_name)
   head_axis = axes.TENSOR_AXIS if axes.TENSOR_AXIS in names else None
-  size = lambda axes: math.prod(mesh.shape[a] for a in axes)
   b, t, n_heads, _ = q.shape
   s, kv_heads = k.shape[1], k.shape[2]
-  ring, n_batch, n_tp = mesh.shape[axis_name], size(batch), size((head_axis,) if head_axis else ())
+  ring, n_batch, n_tp = mesh.shape[axis_name], mesh_size(mesh, batch), mesh_size(mesh, head_axis)
   problems = []
   if k.shape != v.shape or k.shape[0] != b:
     problems.append(f"k {k.shape} and v {v.shape} must match each other and q's batch {b}")
