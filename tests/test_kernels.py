@@ -111,6 +111,32 @@ def test_splash_zigzag_ring_steps_stay_in_splash():
     _check(kernel, q, k, v, w, *(jnp.asarray(local[i], jnp.int32)[None] for i in (qi, ki)))
 
 
+def test_splash_zigzag_half_key_passes_stay_in_splash():
+  """The ring's key passes (lrjax.ring, passes=2: each half of a zig-zag block's keys, so [b, c] keys against
+  [b, 2c] queries): the kernel cuts squares of c/2, and every pair of every step of both passes is EMPTY, FULL or
+  DIAGONAL; a diagonal and an off-diagonal step equal the reference."""
+  ring, t, passes = 4, 2048, 2
+  chunk = t // (2 * ring)
+  local = [np.concatenate([np.arange(i * chunk, (i + 1) * chunk), np.arange((2 * ring - 1 - i) * chunk,
+                                                                           (2 * ring - i) * chunk)])
+           for i in range(ring)]
+  key_slice = lambda i, p: local[i].reshape(2, passes, chunk // passes)[:, p].reshape(-1)
+  kernel = splash.Splash(True, None, block_q=128, block_k=128, parts=2)
+  assert kernel.sub_blocks(2 * chunk, chunk) == (128, 128)
+  classify = jax.jit(lambda q_pos, k_pos: kernel._classify(q_pos, k_pos, None, None))
+  side = 128
+  for qi in range(ring):
+    for ki in range(ring):
+      for p in range(passes):
+        q_pos, k_pos = jnp.asarray(local[qi], jnp.int32)[None], jnp.asarray(key_slice(ki, p), jnp.int32)[None]
+        classes = [int(classify(q_pos[:, a * side:(a + 1) * side], k_pos[:, c * side:(c + 1) * side]))
+                   for a in range(2 * chunk // side) for c in range(chunk // side)]
+        assert splash.OTHER not in classes, (qi, ki, p, classes)
+  q, k, v, w = _inputs(1, 2 * chunk, chunk, 2, 1, 64)
+  for qi, ki, p in ((1, 1, 0), (1, 0, 1)):  # every query row sees a key in both
+    _check(kernel, q, k, v, w, jnp.asarray(local[qi], jnp.int32)[None], jnp.asarray(key_slice(ki, p), jnp.int32)[None])
+
+
 def test_splash_permuted_positions_stay_exact():
   """Positions splash cannot mask by index (a random order) run the blockwise path at run time: still exact."""
   q, k, v, w = _inputs(1, 256, 256, 2, 1, 64)

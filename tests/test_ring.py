@@ -208,20 +208,55 @@ def _count_ppermutes(jaxpr, mult=1):
   return counts
 
 
-def test_one_ppermute_per_rotated_tensor_per_step():
+@pytest.mark.parametrize("passes", [1, 2])
+def test_one_ppermute_per_rotated_tensor_per_step(passes):
+  """Each of the `passes` rings sends every device's key slice (1/passes of its block) n times, the n-th hop
+  bringing it home; the backward also sends each slice's dk/dv accumulator n times."""
   n, b, t, heads, kv, h = 4, 1, 16, 4, 2, 8
   mesh = _ring_mesh(n)
   q, k, v, _ = _inputs(b, t, heads, kv, h)
   pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-  f = lambda q, k, v: R.ring_attention_sharded(q, k, v, pos, pos, block_q=4, block_k=4)
-  kv_shape, pos_shape = (b, t // n, kv, h), (b, t // n)
+  f = lambda q, k, v: R.ring_attention_sharded(q, k, v, pos, pos, block_q=2, block_k=2, passes=passes)
+  s = t // n // passes
+  kv_shape, pos_shape, hops = (b, s, kv, h), (b, s), passes * n
   with S.mesh_context(mesh):
     fwd = _count_ppermutes(jax.make_jaxpr(f)(q, k, v).jaxpr)
     both = _count_ppermutes(jax.make_jaxpr(jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2)))(q, k, v).jaxpr)
-  # Forward: k and v (same shape) and k positions each travel n - 1 times.
-  assert fwd == {kv_shape: 2 * (n - 1), pos_shape: n - 1}
-  # Forward again, then backward: k, v, positions n - 1 times; dk, dv n times (the last hop brings them home).
-  assert both == {kv_shape: 2 * (n - 1) * 2 + 2 * n, pos_shape: 2 * (n - 1)}
+  assert fwd == {kv_shape: 2 * hops, pos_shape: hops}  # k and v (same shape), k positions
+  # Forward again, then backward: k, v, positions; dk, dv.
+  assert both == {kv_shape: 2 * hops * 2 + 2 * hops, pos_shape: 2 * hops}
+
+
+def test_ring_passes_match_reference_and_bad_passes_fail():
+  """Explicit passes (1, 4) on 8 devices, zig-zag, causal + documents + sliding window, values and grads vs the
+  reference; passes that do not split the local keys into 2 x passes pieces raise RingError."""
+  mesh = _ring_mesh(8)
+  b, t, h = 2, 64, 8
+  q, k, v, w = _inputs(b, t, 4, 2, h)
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+  seg = _documents(b, t)
+
+  def ring_fn(passes):
+    def f(q, k, v):
+      ql, kl, vl, pl, sl = R.load_balance((q, k, v, pos, seg), 8, "zigzag")
+      out = R.ring_attention_sharded(ql, kl, vl, pl, pl, block_q=2, block_k=2, q_segment=sl, k_segment=sl,
+                                     sliding_window=11, passes=passes)
+      return _unbalance(out, 8, "zigzag")
+    return f
+
+  loss = lambda fn: jax.jit(jax.value_and_grad(lambda *a: (lambda o: (jnp.sum(jnp.sin(o) * w), o))(fn(*a)),
+                                               argnums=(0, 1, 2), has_aux=True))
+  ref = lambda q, k, v: A.reference_attention(q, k, v, pos, pos, q_segment=seg, k_segment=seg, sliding_window=11)
+  (_, out_ref), grads_ref = loss(ref)(q, k, v)
+  with S.mesh_context(mesh):
+    for passes in (1, 4):
+      (_, out), grads = loss(ring_fn(passes))(q, k, v)
+      np.testing.assert_allclose(out, out_ref, atol=1e-5, err_msg=f"passes={passes}")
+      for g, g_ref in zip(grads, grads_ref):
+        np.testing.assert_allclose(g, g_ref, atol=1e-5, err_msg=f"passes={passes}")
+    for passes in (3, 0):  # local keys: 8 tokens
+      with pytest.raises(R.RingError, match=f"passes={passes}: the local key length 8 does not split"):
+        R.ring_attention_sharded(q, k, v, pos, pos, passes=passes)
 
 
 def test_ring_size_one_is_blockwise():
@@ -342,9 +377,17 @@ def test_model_mesh_that_does_not_fit_fails_up_front(sp_mesh):
 # The GPU step benchmark keeps working (tiny sizes on CPU).
 
 
-def test_gpu_step_benchmark_runs_tiny():
+def test_gpu_step_benchmark_runs_tiny(tmp_path):
+  """The tiny CPU mode runs every part (attention lengths x implementations, train step MFU, evaluation) and
+  writes its markdown report."""
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_step.py"), "--tiny"],
-                        capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+  report = tmp_path / "gpu_step.md"
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_step.py"), "--tiny", "--report",
+                         str(report)], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "MFU" in proc.stdout and "blockwise" in proc.stdout
+  assert "FAILED" not in proc.stdout, proc.stdout[-3000:]
+  text = report.read_text()
+  for t in (128, 256):
+    for impl in ("blockwise", "xla"):
+      assert f"| attention t={t}: {impl}: TFLOP/s |" in text and f"| attention t={t}: {impl}: compiled memory |" in text
+  assert "MFU of 989 TFLOP/s" in text and "| evaluation t=256 [auto: blockwise]: tokens/s |" in text

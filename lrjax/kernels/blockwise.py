@@ -236,13 +236,12 @@ def _backward_blocks(x: _Inputs, do, lse, delta, acc, rules: _Rules, scale: floa
       compute = lambda masked: lambda a, b: _heads(functools.partial(tile, masked), rules, *args, a, b)
       cls = _classify(q_pos_i, k_pos_j, q_seg_i, k_seg_j, k_count, rules)
 
-      def update(dk_j, dv_j, dq, masked):
-        dk_j, dv_j, dq_i = compute(masked)(dk_j, dv_j)
-        dq_i = _q_untile(dq_i, lay) + lax.dynamic_slice_in_dim(dq, i * lay.bq, lay.bq, axis=1)
-        return dk_j, dv_j, lax.dynamic_update_slice_in_dim(dq, dq_i, i * lay.bq, axis=1)
-
-      branches = [lambda *c: c, functools.partial(update, masked=True), functools.partial(update, masked=False)]
-      return lax.switch(cls, branches, dk_j, dv_j, dq), None
+      # The switch returns this block's dq tile and dq is updated outside it: a conditional cannot update its
+      # operand in place, so a dq passed through the switch would be copied whole at every block pair.
+      skip = lambda dk_j, dv_j: (dk_j, dv_j, jnp.zeros(qi.shape, jnp.float32))
+      dk_j, dv_j, dq_i = lax.switch(cls, [skip, compute(True), compute(False)], dk_j, dv_j)
+      dq_i = _q_untile(dq_i, lay) + lax.dynamic_slice_in_dim(dq, i * lay.bq, lay.bq, axis=1)
+      return (dk_j, dv_j, lax.dynamic_update_slice_in_dim(dq, dq_i, i * lay.bq, axis=1)), None
 
     dk_j, dv_j = _k_tile(dk, j, lay), _k_tile(dv, j, lay)
     (dk_j, dv_j, dq), _ = lax.scan(q_step, (dk_j, dv_j, dq), jnp.arange(lay.nq))

@@ -2,7 +2,8 @@
 
 Splash masks by index with static masks (full, causal, local window) and takes segment ids as data; GQA maps a
 query head to its key/value head in the kernel. lrjax masks by position, so every call is cut into `parts` x
-`parts` sub-blocks (queries x keys) and each pair is classified at run time from its positions:
+`parts` sub-blocks (queries x keys; squares of the shorter side when the lengths differ and it divides both)
+and each pair is classified at run time from its positions:
 
   EMPTY    no pair visible                                   skipped
   FULL     every pair visible by position (segment ids still  splash, FullMask + segment ids
@@ -12,8 +13,9 @@ query head to its key/value head in the kernel. lrjax masks by position, so ever
   OTHER    anything else (permuted or partial windows)        the blockwise kernel on that sub-block
 
 With contiguous positions (parts=1) a causal call is one DIAGONAL pair; with zig-zag load balancing (parts=2)
-every ring step's four sub-block pairs are EMPTY, FULL or DIAGONAL, so the ring never leaves splash. Striped
-orders and KV caches run as OTHER: correct, at blockwise speed.
+every ring step's sub-block pairs are EMPTY, FULL or DIAGONAL (also when the ring passes over half the keys at a
+time: 4 x 2 squares), so the ring never leaves splash. Striped orders and KV caches whose lengths do not make
+squares run as OTHER: correct, at blockwise speed.
 
 The forward keeps splash's log-sum-exp (save_residuals) to merge sub-blocks and ring steps; the backward runs
 splash's fused dq/dk/dv kernel from the given (global) out and lse. That entry point
@@ -112,15 +114,24 @@ class Splash:
   parts: int = 1
   interpret: bool | None = None  # None: interpret on the CPU backend (tests), compile for the TPU otherwise
 
+  def sub_blocks(self, t: int, s: int) -> tuple[int, int]:
+    """Sub-block lengths (queries, keys): t / parts and s / parts, or squares of the shorter of the two when it
+    divides both. Squares keep a ring's key passes (lrjax.ring, passes=2: each half of the keys of a zig-zag
+    step) index-aligned with the queries of their own chunk, so they stay DIAGONAL, FULL or EMPTY."""
+    cq, ck = t // self.parts, s // self.parts
+    side = min(cq, ck)
+    return (side, side) if side and cq % side == 0 and ck % side == 0 else (cq, ck)
+
   def tiles(self, t: int, s: int):
-    return min(self.block_q, t // self.parts), min(self.block_k, s // self.parts)
+    cq, ck = self.sub_blocks(t, s)
+    return min(self.block_q, cq), min(self.block_k, ck)
 
   def unsupported(self, q, k) -> str | None:
     """Why these shapes cannot run here (None: they can)."""
     t, s = q.shape[1], k.shape[1]
     if t % self.parts or s % self.parts:
       return f"lengths (q {t}, k {s}) do not split into {self.parts} sub-blocks"
-    (cq, ck), (bq, bk) = (t // self.parts, s // self.parts), self.tiles(t, s)
+    (cq, ck), (bq, bk) = self.sub_blocks(t, s), self.tiles(t, s)
     if cq % bq or ck % bk or bq % LANES or bk % LANES:
       return (f"sub-block lengths (q {cq}, k {ck}) are not multiples of tiles ({bq}, {bk}) that are multiples of "
               f"{LANES} (block_q/block_k)")
@@ -149,10 +160,10 @@ class Splash:
   def _pieces(self, q, k, v, q_pos, k_pos, q_segment, k_segment):
     """Sub-block slicers: (query slices, key slices), each a list of per-sub-block argument dicts."""
     cut = lambda x, i, c: None if x is None else lax.slice_in_dim(x, i * c, (i + 1) * c, axis=1)
-    cq, ck = q.shape[1] // self.parts, k.shape[1] // self.parts
-    qs = [dict(q=cut(q, i, cq), pos=cut(q_pos, i, cq), seg=cut(q_segment, i, cq)) for i in range(self.parts)]
+    cq, ck = self.sub_blocks(q.shape[1], k.shape[1])
+    qs = [dict(q=cut(q, i, cq), pos=cut(q_pos, i, cq), seg=cut(q_segment, i, cq)) for i in range(q.shape[1] // cq)]
     ks = [dict(k=cut(k, j, ck), v=cut(v, j, ck), pos=cut(k_pos, j, ck), seg=cut(k_segment, j, ck))
-          for j in range(self.parts)]
+          for j in range(k.shape[1] // ck)]
     return qs, ks
 
   def _kernels(self, n, cq, ck, interpret):

@@ -31,6 +31,16 @@ class Step(Protocol):
     """
 
 
+def unsupported(step: Step, q, k) -> str | None:
+  """Why `step` cannot run shapes q [b, t, n, h], k [b, s, k, h] (None: it can); arrays or ShapeDtypeStructs.
+
+  Kernels with shape limits (the Pallas ones) say so through their own `unsupported` method; a kernel without
+  one (blockwise) runs any shape.
+  """
+  check = getattr(step, "unsupported", None)
+  return None if check is None else check(q, k)
+
+
 def zeros_like_grads(q, k, dq=None, dk=None, dv=None):
   """The given accumulators, or f32 zeros shaped like q and k."""
   z = lambda a, x: jnp.zeros(x.shape, jnp.float32) if a is None else a
