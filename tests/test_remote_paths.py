@@ -1,7 +1,7 @@
 """Every path lrjax reads or writes, on a non-local filesystem: gs:// served from memory (lrjax.testing.fake_gcs),
 reached by epath through fsspec and by orbax's arrays through tensorstore's GCS driver over HTTP, as a real bucket
 is. Factor files; prepare -> stream; a fine-tuning run (checkpoints, resume, metrics, TensorBoard, loss plot, HF
-export) and an evaluation, each against the same run on local disk. The tests run in an empty directory, so a
+export), an evaluation and a search (state, resume, outputs), each against the same run on local disk. The tests run in an empty directory, so a
 gs:// path mishandled as a local one ("gs:/bucket/...") would show up there."""
 
 import csv
@@ -9,13 +9,15 @@ import io
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 from etils import epath
 
 from configs import evaluate as evaluate_configs
 from configs import pretrain
-from lrjax import evaluate, factors, records, rope, stream, testing, train
+from configs import search as search_configs
+from lrjax import evaluate, factors, model, records, rope, search, stream, testing, train
 
 
 @pytest.fixture
@@ -109,3 +111,33 @@ def test_evaluate_writes_its_outputs(gcs, tmp_path):
   for name in ("results.csv", "results.json", "table.txt", "ppl.png"):
     assert epath.Path("gs://bucket/eval", name).exists(), name
   assert epath.Path("gs://bucket/eval/table.txt").read_text() == (tmp_path / "eval" / "table.txt").read_text()
+
+
+def test_search_writes_and_resumes_its_state(gcs, tmp_path):
+  """A search on gs:// stopped after one generation and resumed to three equals a local three-generation run."""
+  cfg = testing.tiny_config()
+  params = model.init_params(cfg, jax.random.PRNGKey(0))
+  docs = [np.random.default_rng(i).integers(0, 256, 140) for i in range(2)]
+
+  def config(iterations):
+    c = search_configs.get_config("tiny")
+    c.progress = False
+    s = c.search
+    s.target_length, s.iterations = 128, iterations
+    s.population, s.mutations, s.crossovers, s.parents = 6, 2, 2, 3
+    c.data.num_documents = 2
+    return c
+
+  search.run(config(1), cfg, params, docs, "gs://bucket/search")
+  resumed_config = config(3)
+  resumed_config.resume = True
+  resumed = search.run(resumed_config, cfg, params, docs, "gs://bucket/search")
+  local = search.run(config(3), cfg, params, docs, str(tmp_path / "search"))
+  assert resumed.fitness == local.fitness
+  np.testing.assert_array_equal(resumed.scaling.long_factor, local.scaling.long_factor)
+  for name in ("factors.json", "generations.csv", search.STATE_FILE, "factors.png"):
+    assert epath.Path("gs://bucket/search", name).exists(), name
+  best = lambda text: [row["best_fitness"] for row in csv.DictReader(io.StringIO(text))]
+  assert best(epath.Path("gs://bucket/search/generations.csv").read_text()) == best(
+      (tmp_path / "search" / "generations.csv").read_text())
+  assert len(best((tmp_path / "search" / "generations.csv").read_text())) == 4  # generation 0 (seeds) + 3

@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 from tqdm.auto import tqdm
 
 from lrjax import report
@@ -135,8 +136,7 @@ def save_state(path: str, state: State, rng: np.random.Generator, *, fingerprint
 def load_state(path: str, fingerprint: str, rng: np.random.Generator) -> State:
   """The saved state (and `rng` set to its saved position); one-line errors for any unusable file."""
   try:
-    with open(path) as f:
-      doc = json.load(f)
+    doc = json.loads(epath.Path(path).read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise SearchError(f"cannot read search state {path}: {e}") from None
   if not isinstance(doc, dict):
@@ -255,7 +255,7 @@ def evolve(space: SearchSpace, evolution: Evolution, seeds: Mapping[str, np.ndar
     if not space_lib.is_valid(space, g):
       raise SearchError(f"seed {name!r} is not a valid genome for this search space")
   state = State()
-  if resume and state_path and os.path.exists(state_path):
+  if resume and state_path and epath.Path(state_path).exists():
     state = load_state(state_path, fingerprint, rng)
 
   def save():

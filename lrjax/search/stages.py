@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from lrjax import data, perplexity
@@ -88,9 +89,9 @@ def run(config, model_config, params, documents: Sequence[np.ndarray], workdir: 
   fitness = fitness_lib.PerplexityFitness(model_config, params, windows, weights,
                                           candidates_per_call=int(sc.candidates_per_call),
                                           doc_batch=int(sc.doc_batch), mesh=mesh, window_nll=window_nll)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # epath: a gs:// workdir stays remote
   state_path = os.path.join(workdir, STATE_FILE)
-  if os.path.exists(state_path) and not config.resume:
+  if epath.Path(state_path).exists() and not config.resume:
     raise SearchError(f"{workdir} already holds a search state; set resume=True to continue it, or use "
                       "another workdir")
   if jax.process_count() > 1:  # every process has looked before process 0 writes the first state
