@@ -33,6 +33,8 @@ import re
 from typing import Iterator, NamedTuple
 
 import numpy as np
+import pyarrow
+import pyarrow.parquet as pq
 from etils import epath
 
 BUILTIN_DIR = os.path.join(os.path.dirname(__file__), "assets", "corpus")
@@ -141,8 +143,6 @@ def _text_document(path: str, doc_id: str) -> Document:
 
 def _parquet_documents(path: str, field: str) -> Iterator[Document]:
   """Rows of one column, streamed batch by batch (the file is never read whole)."""
-  import pyarrow
-  import pyarrow.parquet as pq
 
   with epath.Path(path).open("rb") as f:
     try:
@@ -191,7 +191,7 @@ def _folder_documents(folder: str, pattern: str) -> Iterator[Document]:
 def _tfds_documents(name: str, split: str, data_dir: str | None, field: str) -> Iterator[Document]:
   """TFDS without downloading: tfds.data_source (ArrayRecord files; no tensorflow needed), else tfds.load
   (TFRecord files; needs tensorflow)."""
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # here: only tfds: sources pay its import (seconds)
 
   label = f"tfds:{name} split {split!r}"
   try:

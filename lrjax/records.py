@@ -37,6 +37,7 @@ from typing import Iterator
 
 import numpy as np
 from etils import epath
+from tqdm.auto import tqdm
 
 from lrjax import data as data_lib
 from lrjax import schema
@@ -150,7 +151,6 @@ def _shard_texts(source: str, shard_documents: int, max_documents: int | None) -
 def _write_shards(root: epath.Path, source: str, tokenizer: str, dtype: str, shard_documents: int,
                   num_workers: int, max_documents: int | None, progress: bool) -> int:
   """Tokenize and write every shard that is not complete yet, in order; returns the number of shards."""
-  from tqdm.auto import tqdm
   pool = None
   if num_workers:
     # spawn, not fork: tokenizer libraries (and jax, when imported) run threads that fork would break.

@@ -24,6 +24,8 @@ import tempfile
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+from etils import epath
+from tqdm.auto import tqdm
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
@@ -32,7 +34,6 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
   etils.epath, as one object (object stores replace whole objects atomically)."""
   data = data.encode("utf-8") if isinstance(data, str) else data
   if "://" in os.fspath(path):
-    from etils import epath
     target = epath.Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(data)
@@ -124,7 +125,7 @@ def line_plot(path: str | os.PathLike, series: Mapping[str, tuple[Sequence[float
               xticks: Sequence[float] | None = None, markers: bool = True, vlines: Sequence[float] = ()) -> None:
   """Curves {label: (xs, ys)} into a PNG. logx may be a base (2 for lengths). Non-finite points are skipped;
   vlines are dashed vertical markers (e.g. stage starts)."""
-  import matplotlib
+  import matplotlib  # here, not at the top: only plotting pays its import (~0.5 s), after choosing Agg
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -188,7 +189,7 @@ def heatmap(path: str | os.PathLike, values: np.ndarray, *, rows: Sequence[Any],
             fmt: str = "{:.0f}") -> None:
   """A PNG heat map of values f64[len(rows), len(columns)] (e.g. accuracy by needle depth x context length),
   each cell annotated; NaN cells stay blank."""
-  import matplotlib
+  import matplotlib  # here, not at the top: only plotting pays its import (~0.5 s), after choosing Agg
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -232,7 +233,6 @@ def progress_bar(enabled: bool, **tqdm_kwargs) -> Iterator[Any]:
   if not enabled:
     yield _NoBar()
     return
-  from tqdm.auto import tqdm
   bar = tqdm(dynamic_ncols=True, file=sys.stderr, **tqdm_kwargs)
   try:
     yield bar

@@ -41,6 +41,7 @@ import functools
 import math
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -288,7 +289,6 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k
 def batch_axes(mesh, axis_name: str) -> tuple[str, ...]:
   """The mesh axes a sequence's batch dim is split over: what the active logical rules give "batch" (a search
   that puts candidates on the data axis maps batch to fsdp only), else BATCH_AXES; never the ring's own axis."""
-  import flax.linen as nn  # the model's logical rules (lrjax.axes / sharding.mesh_context) are flax's
   rules = dict(nn.get_logical_axis_rules() or ())
   chosen = rules.get("batch", axes.BATCH_AXES)
   chosen = (chosen,) if isinstance(chosen, str) else tuple(chosen or ())

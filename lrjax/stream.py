@@ -45,7 +45,9 @@ import json
 import sys
 from typing import Iterator, Sequence
 
+import grain
 import numpy as np
+from absl import flags
 from etils import epath
 
 from lrjax import data as data_lib
@@ -288,14 +290,11 @@ class Batches(Iterator[dict]):
   """
 
   def __init__(self, plan: _Plan, fingerprint: str, start: int, num_workers: int, worker_buffer_size: int):
-    import grain
-
     self.plan, self.fingerprint, self._next = plan, fingerprint, start
     stop = sys.maxsize if plan.num_batches is None else max(plan.num_batches, start)
     ds = grain.MapDataset.range(start, stop).map(plan)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if num_workers:
-      from absl import flags
       if not flags.FLAGS.is_parsed():  # grain 0.2.18 reads absl flags when starting workers
         flags.FLAGS.mark_as_parsed()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,

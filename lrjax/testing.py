@@ -26,8 +26,11 @@ import threading
 import urllib.parse
 from typing import Iterator, Sequence
 
+import fsspec
 import jax
 import numpy as np
+import tokenizers as tk
+from etils.epath import backend
 from fsspec.implementations.memory import MemoryFileSystem
 
 from lrjax import model, weights
@@ -112,7 +115,6 @@ def launch(script: str, args: Sequence[str], *, num_processes: int, devices: int
 def word_tokenizer(path, words: Sequence[str]) -> str:
   """A Hugging Face WordLevel tokenizer.json at `path` (ids: <unk> 0, <s> 1, </s> 2, then `words`), whose
   post-processor adds <s> and </s>; returns the path (a tokenizer spec)."""
-  import tokenizers as tk
   vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
   tok = tk.Tokenizer(tk.models.WordLevel(vocab, unk_token="<unk>"))
   tok.pre_tokenizer = tk.pre_tokenizers.Whitespace()
@@ -250,9 +252,7 @@ def fake_gcs() -> Iterator[InMemoryGcs]:
   asks google-cloud-storage whether a bucket has a hierarchical namespace; that one call is answered here
   (flat, as this store is), so the library need not be installed.
   """
-  import fsspec
-  from etils.epath import backend
-  from orbax.checkpoint._src.path import gcs_utils
+  from orbax.checkpoint._src.path import gcs_utils  # private orbax module: imported only when faking GCS
 
   if not _SERVER:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GcsJsonApi)

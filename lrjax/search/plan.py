@@ -204,7 +204,8 @@ def make_plan(search_config, model_config, *, target_length: int, stage: str = "
       mutation_prob=sc.mutation_prob, iterations=sc.iterations, crossover_tries=sc.crossover_tries,
       max_tries=sc.max_tries, early_stop_patience=sc.early_stop_patience, early_stop_tol=sc.early_stop_tol)
   seeds, seed_factors = _seeds(sc, stage, space, base_factors, scale=scale, seed_original=seed_original,
-                               rotary_dim=d, theta=theta, n_layers=n_layers, n_hat=start_n_hat, temperature=fixed_temperature,
+                               rotary_dim=d, theta=theta, n_layers=n_layers, n_hat=start_n_hat,
+                               temperature=fixed_temperature,
                                scale_range=(math.ceil(scale), math.floor(2 * scale)))
   return Plan(space=space, evolution=evolution, seeds=seeds, seed_factors=seed_factors,
               target_length=int(target_length), original_length=original, scale=float(scale),

@@ -14,6 +14,7 @@ import os
 import tempfile
 
 import numpy as np
+import tensorboardX
 from etils import epath
 
 from lrjax import report
@@ -32,7 +33,6 @@ class MetricsLog:
   """metrics.csv plus TensorBoard scalars in `workdir` (create on process 0 only)."""
 
   def __init__(self, workdir: str, resume_step: int):
-    import tensorboardX
     self.workdir = epath.Path(workdir)
     self.path = self.workdir / "metrics.csv"
     self.rows = _read_rows(self.path, resume_step)  # later rows will be recomputed

@@ -9,6 +9,7 @@ import shutil
 import uuid
 from typing import Iterator, Mapping
 
+import ml_dtypes
 import numpy as np
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -24,7 +25,6 @@ def np_dtype(name: str | None):
     return None
   if str(name) not in DTYPES:
     raise WeightsError(f"unsupported dtype {name!r}; expected one of {', '.join(DTYPES)}")
-  import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy; a jax dependency)
   return np.dtype(ml_dtypes.bfloat16) if str(name) == "bfloat16" else np.dtype(str(name))
 
 

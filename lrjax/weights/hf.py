@@ -12,8 +12,11 @@ import shutil
 import tempfile
 from typing import Callable, Iterator, Mapping
 
+import ml_dtypes
 import numpy as np
 from etils import epath
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from lrjax import model as model_lib
 from lrjax import rope as rope_lib
@@ -23,7 +26,6 @@ from lrjax.weights.common import (WeightsError, copy_extra, dtype_name, np_dtype
 
 
 def _safetensors_names(path: str) -> dict[str, tuple]:
-  from safetensors import safe_open
   try:
     with safe_open(path, framework="numpy") as f:
       return {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
@@ -35,7 +37,6 @@ def _safetensors_names(path: str) -> dict[str, tuple]:
 
 
 def _safetensors_getter(files: Mapping[str, str]) -> Callable[[str], np.ndarray]:
-  from safetensors import safe_open
   handles: dict[str, object] = {}
 
   def get(name):
@@ -52,7 +53,7 @@ def _safetensors_getter(files: Mapping[str, str]) -> Callable[[str], np.ndarray]
 
 def torch_module():
   try:
-    import torch
+    import torch  # optional: only .bin / .pth checkpoints need it (not in requirements.txt)
   except ImportError:
     raise WeightsError("reading or writing torch checkpoints (.bin/.pth) needs torch; install it, or convert to "
                        "safetensors elsewhere") from None
@@ -63,7 +64,6 @@ def torch_to_numpy(t) -> np.ndarray:
   torch = torch_module()
   t = t.detach().cpu().contiguous()
   if t.dtype == torch.bfloat16:
-    import ml_dtypes
     return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
   return t.numpy()
 
@@ -229,7 +229,6 @@ def save_hf(directory: str | os.PathLike, config: model_lib.ModelConfig, params:
                                 allow_dropping_n_hat=allow_dropping_n_hat)
   key = arch.export_architecture(config)
   shards = plan_shards(config, target, max_shard_bytes, key)
-  from safetensors.numpy import save_file
   with _staged(directory, overwrite) as tmp:
     tensors = arch.hf_tensors(config, flat, target, key)
     weight_map = {}

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from lrjax import factors
 from lrjax import model as model_lib
@@ -48,7 +50,6 @@ def save_native(directory: str | os.PathLike, config: model_lib.ModelConfig, par
 
   Call from a single process (use lrjax's training checkpoints for multi-host state).
   """
-  import orbax.checkpoint as ocp
   arch.check_params(config, params)
   with staged_directory(directory, overwrite) as tmp:
     checkpointer = ocp.StandardCheckpointer()
@@ -61,8 +62,6 @@ def save_native(directory: str | os.PathLike, config: model_lib.ModelConfig, par
 def load_native(directory: str | os.PathLike, *, dtype: str | None = None
                 ) -> tuple[model_lib.ModelConfig, dict]:
   """Reads a save_native directory; params come back as host numpy arrays."""
-  import jax
-  import orbax.checkpoint as ocp
   directory = os.path.abspath(os.fspath(directory))
   path = os.path.join(directory, "lrjax_config.json")
   doc = read_json(path, "lrjax_config.json")
