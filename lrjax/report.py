@@ -120,17 +120,37 @@ def format_table(rows: Sequence[Any], columns: Sequence[Any], cell: Callable[[An
   return "\n".join([render(header), rule] + [render(line) for line in body])
 
 
+@contextlib.contextmanager
+def _png(path: str | os.PathLike, figsize: tuple[float, float]) -> Iterator[tuple[Any, Any, Any]]:
+  """(matplotlib, figure, axes) for one plot; on exit the figure goes to `path` as a PNG (atomically)."""
+  import matplotlib  # here, not at the top: only plotting pays its import (~0.5 s), after choosing Agg
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=figsize, dpi=120)
+  try:
+    yield matplotlib, fig, ax
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+  finally:
+    plt.close(fig)
+  atomic_write(path, buf.getvalue())
+
+
+def _labels(ax, xlabel: str, ylabel: str, title: str) -> None:
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  if title:
+    ax.set_title(title)
+
+
 def line_plot(path: str | os.PathLike, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
               xlabel: str = "", ylabel: str = "", title: str = "", logx: bool | int = False, logy: bool = False,
               xticks: Sequence[float] | None = None, markers: bool = True, vlines: Sequence[float] = ()) -> None:
   """Curves {label: (xs, ys)} into a PNG. logx may be a base (2 for lengths). Non-finite points are skipped;
   vlines are dashed vertical markers (e.g. stage starts)."""
-  import matplotlib  # here, not at the top: only plotting pays its import (~0.5 s), after choosing Agg
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-  try:
+  with _png(path, (7, 4.5)) as (matplotlib, _, ax):
     for label, (xs, ys) in series.items():
       xs, ys = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
       ok = np.isfinite(xs) & np.isfinite(ys)
@@ -151,19 +171,10 @@ def line_plot(path: str | os.PathLike, series: Mapping[str, tuple[Sequence[float
       ax.set_xticks(list(xticks))
       ax.set_xticklabels([_short_number(x) for x in xticks])
       ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # only the given ticks on x
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-      ax.set_title(title)
+    _labels(ax, xlabel, ylabel, title)
     ax.grid(True, which="both", alpha=0.3)
     if series:
       ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-  finally:
-    plt.close(fig)
-  atomic_write(path, buf.getvalue())
 
 
 def _short_number(x: float) -> str:
@@ -188,32 +199,23 @@ def heatmap(path: str | os.PathLike, values: np.ndarray, *, rows: Sequence[Any],
             xlabel: str = "", ylabel: str = "", title: str = "", vmin: float = 0.0, vmax: float = 100.0,
             fmt: str = "{:.0f}") -> None:
   """A PNG heat map of values f64[len(rows), len(columns)] (e.g. accuracy by needle depth x context length),
-  each cell annotated; NaN cells stay blank."""
-  import matplotlib  # here, not at the top: only plotting pays its import (~0.5 s), after choosing Agg
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  each cell annotated; NaN cells stay blank. The figure grows with the labels, so long row names and a title
+  over one or two columns are not clipped."""
   values = np.asarray(values, np.float64)
-  fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(columns), 1.0 + 0.45 * len(rows)), dpi=120)
-  try:
+  row_labels = [str(r) for r in rows]
+  column_labels = [_short_number(c) if isinstance(c, (int, np.integer)) else str(c) for c in columns]
+  width = max(2.0 + 0.9 * len(columns) + 0.09 * max(map(len, row_labels), default=0), 0.1 * len(title) + 1.0)
+  with _png(path, (width, 1.0 + 0.45 * len(rows))) as (_, fig, ax):
     image = ax.imshow(np.ma.masked_invalid(values), cmap="RdYlGn", vmin=vmin, vmax=vmax, aspect="auto")
-    ax.set_xticks(range(len(columns)), [_short_number(c) if isinstance(c, (int, np.integer)) else str(c)
-                                        for c in columns])
-    ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+    ax.set_xticks(range(len(columns)), column_labels)
+    ax.set_yticks(range(len(rows)), row_labels)
     for (i, j), v in np.ndenumerate(values):
       if np.isfinite(v):
         ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-      ax.set_title(title)
+    _labels(ax, xlabel, ylabel, "")
+    if title:  # over the figure, not the axes: the axes may be one column wide
+      fig.suptitle(title)
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-  finally:
-    plt.close(fig)
-  atomic_write(path, buf.getvalue())
 
 
 class _NoBar:
