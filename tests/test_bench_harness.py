@@ -128,10 +128,13 @@ def test_quick_changes_defaults_and_explicit_flags_still_win():
   assert parse(["--allow_noisy"]).allow_noisy
 
 
-def test_run_all_discovers_the_six_benchmarks_and_rejects_unknown_names():
+def test_run_all_discovers_every_benchmark_in_order_and_rejects_unknown_names():
   names = run_all.discover()
-  assert names == ["eval_throughput", "eval_memory", "train_throughput", "search_throughput", "ring_memory",
-                   "gpu_step"]
+  scripts = {f[:-3] for f in os.listdir(os.path.dirname(run_all.__file__))
+             if f.endswith(".py") and f not in ("run_all.py", "harness.py")}
+  assert sorted(names) == sorted(scripts) and "real_model" in names
+  assert names[:6] == ["eval_throughput", "eval_memory", "train_throughput", "search_throughput", "ring_memory",
+                       "gpu_step"]
   assert run_all.select(names, "gpu_step,eval_memory") == ["eval_memory", "gpu_step"]
   with pytest.raises(ValueError, match="unknown benchmark.*eval_speed"):
     run_all.select(names, "eval_speed")
