@@ -156,7 +156,7 @@ def cpu_lowering(sequence_axis: str = axes.SEQUENCE_AXIS) -> bool:
   not shard the sequence. Other backends never take it.
 
   On XLA's CPU backend, a weight gradient that contracts two token axes (b, t) is lowered through transposed
-  copies of both operands (~45% of the train step of the built-in model); contracting one [b*t] axis is one
+  copies of both operands (measured: 1.56x the CPU time of the built-in model's train step); one [b*t] axis is one
   dot (`dense`). A sharded sequence keeps the [b, t] layout (merging a sharded t into b would move activations).
   """
   if jax.default_backend() != "cpu":
