@@ -7,7 +7,11 @@ file. The NLLs are checked to agree before timing; compile time is reported sepa
 from other processes hits both alike; the figure is the median of the timed runs.
 
   python benchmarks/real_model.py                       # 2048 and 8192 tokens
-  python benchmarks/real_model.py --lengths=2048 --runs=1
+  python benchmarks/real_model.py --lengths=2048 --runs=1 --finetune_length=0   # evaluation only
+
+Then one fine-tuning step of the same model on --finetune_length tokens of the same text (1 sequence; forward,
+backward, clip, AdamW): lrjax's jitted, donated train step (benchmarks/train_throughput.py, configs/pretrain.py's
+optimizer and execution choices of the loaded config) vs transformers + torch AdamW on the GGUF-loaded model.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ PARSER.add_argument("--runs", type=int, default=3, help="timed runs of each side
 PARSER.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (XLA uses every core)")
 PARSER.add_argument("--attention", default=None, help="override lrjax's attention implementation")
 PARSER.add_argument("--skip_torch", action="store_true")
-ARGS = harness.parse_args(PARSER, quick=dict(lengths="512", runs=1))
+PARSER.add_argument("--finetune_length", type=int, default=2048, help="tokens of the fine-tuning step (0: skip)")
+ARGS = harness.parse_args(PARSER, quick=dict(lengths="512", runs=1, finetune_length=256))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -97,7 +102,39 @@ def main():
       print(f"  {k:13s} {shown} tokens/s   median {median}")
     if "transformers" in tps:
       print(f"  lrjax / transformers = {bench.ratio(f'{length}: lrjax / transformers', tps['lrjax'] / tps['transformers'])}")
+  if ARGS.finetune_length:
+    finetune(cfg, params, hf_model, ARGS.finetune_length, bench)
   bench.finish()
+
+
+def finetune(cfg, params, hf_model, length: int, bench: harness.Bench) -> None:
+  """Times one fine-tuning step of each side (after one warm-up step); records tokens/s and their ratio."""
+  import train_throughput  # benchmarks/ is on sys.path (this script's directory)
+  tokens_np = tokens_of(length + 1)
+  sides = {"lrjax": train_throughput.lrjax_runner(cfg, 1, length, params=params, tokens=tokens_np)}
+  if hf_model is not None:
+    ids = torch.from_numpy(tokens_np.astype(np.int64))
+    sides["transformers"] = train_throughput.torch_train_runner(hf_model, ids)
+  for k, run in sides.items():
+    with harness.timed() as t:
+      run(1)
+    print(f"  fine-tuning warm-up {k}: {t}")
+  timings = {k: [] for k in sides}
+  for _ in range(ARGS.runs):
+    for k, run in sides.items():
+      with harness.timed() as t:
+        run(1)
+      timings[k].append(t)
+  print(f"SmolLM2-135M fine-tuning step, 1 x {length} tokens (AdamW, clip 1.0)")
+  tps = {}
+  for k, v in timings.items():
+    median = harness.median_timing(v)
+    tps[k] = length / median.wall_s
+    shown = bench.figure(f"fine-tuning {length}: {k}", tps[k], "tokens/s", fmt=".0f")
+    print(f"  {k:13s} {shown} tokens/s   median {median}")
+  if "transformers" in tps:
+    ratio = bench.ratio(f"fine-tuning {length}: lrjax / transformers", tps["lrjax"] / tps["transformers"])
+    print(f"  lrjax / transformers = {ratio}")
 
 
 if __name__ == "__main__":

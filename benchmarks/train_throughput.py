@@ -44,22 +44,26 @@ def matmul_peak() -> dict:
   return out
 
 
-def lrjax_runner(model_cfg, batch: int, length: int):
-  """A closure running one lrjax train step; the state is donated and carried along."""
+def lrjax_runner(model_cfg, batch: int, length: int, params=None, tokens: np.ndarray | None = None):
+  """A closure running n lrjax train steps; the state is donated and carried along.
+
+  params: initial parameters (default: random). tokens: i32[batch, length + 1] (default: random).
+  """
   c = pretrain.get_config()
   stage = train.parse_stages(c, model_cfg)[0]
   optimizer = train.make_optimizer(c.optimizer, stage)
   mesh = sharding_lib.make_mesh({}, devices=jax.devices()[:1])
   with sharding_lib.mesh_context(mesh):
-    state = train.init_state(model_cfg, optimizer, jax.random.PRNGKey(0))
+    state = train.init_state(model_cfg, optimizer, jax.random.PRNGKey(0), params=params)
     sh = train.state_shardings(mesh, jax.eval_shape(lambda: state), optimizer)
     step = train.jit_train_step(train.make_train_step(model_cfg, optimizer, loss_chunk=c.loss_chunk), mesh, sh)
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, model_cfg.vocab_size, (1, batch, length + 1), dtype=np.int32)
+  if tokens is None:
+    tokens = np.random.default_rng(0).integers(0, model_cfg.vocab_size, (batch, length + 1), dtype=np.int32)
+  tokens = tokens[None]
   host = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
           "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (1, batch, length)).copy(),
           "weights": np.ones((1, batch, length), np.float32)}
-  data = jax.device_put(host, train.batch_shardings(mesh))
+  data = jax.device_put(host, train.batch_sharding(mesh))
   rope = jax.tree.map(jnp.asarray, model_cfg.rope_arrays(seq_len=length))
   box = {"state": jax.device_put(state, sh)}
 
@@ -71,6 +75,7 @@ def lrjax_runner(model_cfg, batch: int, length: int):
 
 
 def torch_runner(model_cfg, batch: int, length: int):
+  """The same step in transformers + torch AdamW, on a randomly initialised LlamaForCausalLM."""
   import torch
   import transformers
   hf = transformers.LlamaConfig(
@@ -80,15 +85,21 @@ def torch_runner(model_cfg, batch: int, length: int):
       head_dim=model_cfg.head_dim, max_position_embeddings=model_cfg.max_position_embeddings,
       rms_norm_eps=model_cfg.rms_norm_eps, tie_word_embeddings=False, attention_bias=False)
   torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(hf)
+  return torch_train_runner(transformers.LlamaForCausalLM(hf),
+                            torch.randint(0, model_cfg.vocab_size, (batch, length + 1)))
+
+
+def torch_train_runner(model, tokens):
+  """A closure running n steps of `model` (a transformers causal LM) on tokens [batch, length + 1]: forward,
+  cross-entropy, backward, clip 1.0, torch AdamW (the hyper-parameters of configs/pretrain.py)."""
+  import torch
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-  ids = torch.randint(0, model_cfg.vocab_size, (batch, length + 1))
-  inputs, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+  inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
   def run(n):
     for _ in range(n):
-      logits = model(input_ids=inputs).logits
+      logits = model(input_ids=inputs, use_cache=False).logits
       loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
       opt.zero_grad(set_to_none=True)
       loss.backward()

@@ -152,6 +152,31 @@ def _constrain(x, axes):
   return nn.with_logical_constraint(x, axes)
 
 
+def cpu_lowering(sequence_axis: str = axes.SEQUENCE_AXIS) -> bool:
+  """Whether this trace takes the CPU layout choice: the default backend is the CPU and the mesh (if any) does
+  not shard the sequence. Other backends never take it.
+
+  On XLA's CPU backend, a weight gradient that contracts two token axes (b, t) is lowered through transposed
+  copies of both operands (measured: 1.56x the CPU time of the built-in model's train step); one [b*t] axis is one
+  dot (`dense`). A sharded sequence keeps the [b, t] layout (merging a sharded t into b would move activations).
+  """
+  if jax.default_backend() != "cpu":
+    return False
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.empty or mesh.shape.get(sequence_axis, 1) == 1
+
+
+def dense(spec: str, x: jax.Array, w: jax.Array, *, flat: bool, **kw) -> jax.Array:
+  """jnp.einsum(spec, x, w) for tokens x [b, t, ...] ("bt" leading in spec) and a weight w without token axes.
+
+  flat: contract on x reshaped to one token axis [b*t, ...] (see cpu_lowering); the result is the same.
+  """
+  if not flat:
+    return jnp.einsum(spec, x, w, **kw)
+  y = jnp.einsum(spec.replace("bt", "t"), x.reshape(-1, *x.shape[2:]), w, **kw)
+  return y.reshape(*x.shape[:2], *y.shape[1:])
+
+
 def decoder_layer(x: jax.Array, p: dict, positions: jax.Array, inv_freq: jax.Array,
                   rope: rope_lib.RopeArrays, cfg: ModelConfig, cache: dict | None = None,
                   cache_index: jax.Array | None = None, segment_ids: jax.Array | None = None,
@@ -174,9 +199,10 @@ def decoder_layer(x: jax.Array, p: dict, positions: jax.Array, inv_freq: jax.Arr
   """
   dt = jnp.dtype(cfg.dtype)
   w = lambda name: p[name].astype(dt)
+  cpu = cpu_lowering(cfg.sequence_axis)
 
   def project(name, spec):
-    y = jnp.einsum(spec, h, w(name))
+    y = dense(spec, h, w(name), flat=cpu)
     return checkpoint_name(y + w(f"{name}_bias") if cfg.qkv_bias else y, "qkv")
 
   h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
@@ -194,13 +220,13 @@ def decoder_layer(x: jax.Array, p: dict, positions: jax.Array, inv_freq: jax.Arr
   else:
     a = attention_lib.attention(q, k, v, positions, positions, implementation=cfg.attention,
                                 q_segment=segment_ids, k_segment=segment_ids, axis_name=cfg.sequence_axis, **kw)
-  a = checkpoint_name(jnp.einsum("btnh,nhd->btd", a, w("o")), "attn_out")
+  a = checkpoint_name(dense("btnh,nhd->btd", a, w("o"), flat=cpu), "attn_out")
   x = _constrain(x + a, ("batch", "length", "embed"))
   h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-  gate = jnp.einsum("btd,df->btf", h, w("gate"))
-  up = jnp.einsum("btd,df->btf", h, w("up"))
+  gate = dense("btd,df->btf", h, w("gate"), flat=cpu)
+  up = dense("btd,df->btf", h, w("up"), flat=cpu)
   hidden = checkpoint_name(_constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp")), "mlp_hidden")
-  x = _constrain(x + jnp.einsum("btf,fd->btd", hidden, w("down")), ("batch", "length", "embed"))
+  x = _constrain(x + dense("btf,fd->btd", hidden, w("down"), flat=cpu), ("batch", "length", "embed"))
   return x, cache
 
 

@@ -79,6 +79,26 @@ def test_architectures_match_transformers(tmp_path, name):
   assert np.abs(ref).max() > 0.1  # the comparison is not between near-zero arrays
 
 
+
+def test_token_layouts_match_transformers(tmp_path, monkeypatch):
+  """Both layouts of the token projections match transformers: one [b*t] token axis (what XLA's CPU backend
+  takes, so every other test here runs it) and [b, t] (what TPU/GPU and a sharded sequence take)."""
+  from lrjax import sharding
+  assert model.cpu_lowering()
+  with sharding.mesh_context(sharding.make_mesh({"sequence": 2, "fsdp": -1})):
+    assert not model.cpu_lowering()
+  m = _hf_model(tmp_path, num_key_value_heads=2)
+  cfg, params = weights.load_hf(tmp_path)
+  tokens = _tokens(24)
+  ref = _hf_logits(m, tokens)
+  positions = jnp.asarray(np.broadcast_to(np.arange(24, dtype=np.int32), tokens.shape))
+  arrays = jax.tree.map(jnp.asarray, cfg.rope_arrays(seq_len=24))
+  for flat in (True, False):
+    monkeypatch.setattr(model, "cpu_lowering", lambda *_, flat=flat: flat)
+    fresh = jax.jit(lambda *a: model.logits(*a), static_argnums=0)  # a new function: traced anew
+    out = fresh(cfg, params, jnp.asarray(tokens), positions, arrays)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, err_msg=f"flat={flat}")
+
 SCALINGS = {
     "linear": {"rope_type": "linear", "factor": 4.0},
     "dynamic": {"rope_type": "dynamic", "factor": 2.0},
