@@ -17,7 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=256, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4, num_kv_heads=2,
       head_dim=64, rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False,
-      rms_norm_eps=1e-6, dtype="float32", param_dtype="float32", attention="xla", block_q=512,
+      rms_norm_eps=1e-6, dtype="float32", param_dtype="float32", attention="auto", block_q=512,
       block_k=512, scan_layers=True, remat="none"))
   c.init = ""  # "" = random init; else a model lrjax.weights.load reads (HF directory, ...)
   # Training input (lrjax.stream, lrjax.train.feed): one source (an lrjax.data source, tokenized at start-up, or
