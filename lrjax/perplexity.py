@@ -41,6 +41,7 @@ import numpy as np
 from lrjax import loss as loss_lib
 from lrjax import model as model_lib
 from lrjax import rope as rope_lib
+from lrjax import sharding as sharding_lib
 
 PROTOCOLS = ("truncate", "sliding")
 # Documents shorter than the window: an error, skipped, or kept as one shorter window (PG19: the paper scores
@@ -109,7 +110,6 @@ def compiled_window_nll(config: model_lib.ModelConfig, mesh: jax.sharding.Mesh |
 
   if mesh is None:
     return jax.jit(fn)
-  from lrjax import sharding as sharding_lib
   jitted = jax.jit(fn, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
   def run(params, tokens, rope, weights):
@@ -315,7 +315,6 @@ def _place(config, params, mesh, batch_size: int, length: int):
   """(params on device, batch size rounded up to the mesh's batch axes)."""
   if mesh is None:
     return jax.device_put(params), batch_size  # once, not at every call (a no-op for arrays on device)
-  from lrjax import sharding as sharding_lib
   n_batch = sharding_lib.axis_size(mesh, tuple(a for a in sharding_lib.BATCH_AXES if a in mesh.axis_names))
   batch_size = -(-batch_size // n_batch) * n_batch
   try:
@@ -402,7 +401,6 @@ def perplexity(config: model_lib.ModelConfig, params: dict, documents: Sequence[
 
 
 def _shard_batch(mesh, tokens, weights):
-  from lrjax import sharding as sharding_lib
   spec = sharding_lib.batch_spec(mesh)
   tok_sharding = jax.sharding.NamedSharding(mesh, spec)
   # Weights are [b, L-1]: the odd length cannot split over the sequence axis; split the batch only.
