@@ -102,7 +102,7 @@ def _analyse(name: str, compiled, *, tokens: int, flops: float, devices: int, se
 def dry_run_train(config: ml_collections.ConfigDict, *, memory_budget: float) -> list[dict]:
   """Compile every stage's train step on the config's mesh (simulated devices), exactly the jitted function
   lrjax.train's loop calls (same builder, same shardings), with abstract arguments; one row per stage."""
-  model_cfg = train_lib.model_config(config)
+  model_cfg = train_lib.model_config(config).replace(token_layout="bt")  # the accelerators' layout, not the CPU's
   stages = train_lib.parse_stages(config, model_cfg)
   mesh = sharding_lib.make_mesh(config.mesh)
   keys = feed_lib.batch_keys(feed_lib.stream_options(config.data))
@@ -145,6 +145,7 @@ def dry_run_eval(model_cfg: model_lib.ModelConfig, mesh_config, *, lengths, batc
   """Compile, per length, the program the real run calls: lrjax.perplexity.compiled_window_nll (evaluation) or,
   with candidates > 0, the search's fitness program (lrjax.search.fitness.make_nll_fn), under the mesh."""
   mesh = sharding_lib.make_mesh(mesh_config)
+  model_cfg = model_cfg.replace(token_layout="bt")  # the accelerators' layout, not the CPU's
   rows = []
   for length in lengths:
     replicated = NamedSharding(mesh, P())

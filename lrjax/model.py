@@ -36,6 +36,9 @@ from lrjax import rope as rope_lib
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_proj")
 
 
+TOKEN_LAYOUTS = ("auto", "bt", "flat")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture (as in a Hugging Face LlamaConfig) plus execution choices.
@@ -82,6 +85,9 @@ class ModelConfig:
   scan_layers: bool = True
   remat: str = "none"
   sequence_axis: str = "sequence"
+  # Token projections: "auto" = one [b*t] axis where cpu_lowering() says so, else [b, t]; "bt" / "flat" force
+  # one (dry runs compile the accelerators' layout on simulated CPU devices). Same results either way.
+  token_layout: str = "auto"
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -93,6 +99,8 @@ class ModelConfig:
     if self.attention not in attention_lib.IMPLEMENTATIONS:
       raise ValueError(f"unknown attention implementation {self.attention!r}; expected one of "
                        f"{', '.join(attention_lib.IMPLEMENTATIONS)}")
+    if self.token_layout not in TOKEN_LAYOUTS:
+      raise ValueError(f"unknown token_layout {self.token_layout!r}; expected one of {', '.join(TOKEN_LAYOUTS)}")
     if self.sliding_window is not None and self.sliding_window < 1:
       raise ValueError(f"sliding_window must be a positive number of tokens or None, got {self.sliding_window}")
 
@@ -199,7 +207,7 @@ def decoder_layer(x: jax.Array, p: dict, positions: jax.Array, inv_freq: jax.Arr
   """
   dt = jnp.dtype(cfg.dtype)
   w = lambda name: p[name].astype(dt)
-  cpu = cpu_lowering(cfg.sequence_axis)
+  cpu = cpu_lowering(cfg.sequence_axis) if cfg.token_layout == "auto" else cfg.token_layout == "flat"
 
   def project(name, spec):
     y = dense(spec, h, w(name), flat=cpu)

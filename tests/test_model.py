@@ -80,7 +80,7 @@ def test_architectures_match_transformers(tmp_path, name):
 
 
 
-def test_token_layouts_match_transformers(tmp_path, monkeypatch):
+def test_token_layouts_match_transformers(tmp_path):
   """Both layouts of the token projections match transformers: one [b*t] token axis (what XLA's CPU backend
   takes, so every other test here runs it) and [b, t] (what TPU/GPU and a sharded sequence take)."""
   from lrjax import sharding
@@ -93,11 +93,12 @@ def test_token_layouts_match_transformers(tmp_path, monkeypatch):
   ref = _hf_logits(m, tokens)
   positions = jnp.asarray(np.broadcast_to(np.arange(24, dtype=np.int32), tokens.shape))
   arrays = jax.tree.map(jnp.asarray, cfg.rope_arrays(seq_len=24))
-  for flat in (True, False):
-    monkeypatch.setattr(model, "cpu_lowering", lambda *_, flat=flat: flat)
-    fresh = jax.jit(lambda *a: model.logits(*a), static_argnums=0)  # a new function: traced anew
-    out = fresh(cfg, params, jnp.asarray(tokens), positions, arrays)
-    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, err_msg=f"flat={flat}")
+  for layout in model.TOKEN_LAYOUTS:
+    out = jax.jit(model.logits, static_argnums=0)(cfg.replace(token_layout=layout), params, jnp.asarray(tokens),
+                                                  positions, arrays)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, err_msg=layout)
+  with pytest.raises(ValueError, match="unknown token_layout 'tb'"):
+    cfg.replace(token_layout="tb")
 
 SCALINGS = {
     "linear": {"rope_type": "linear", "factor": 4.0},
