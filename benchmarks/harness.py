@@ -36,7 +36,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -157,6 +157,24 @@ def timed() -> Iterator[Timing]:
 def median_timing(timings: Sequence[Timing]) -> Timing:
   """Median wall and median CPU seconds (each taken on its own)."""
   return Timing(statistics.median(t.wall_s for t in timings), statistics.median(t.cpu_s for t in timings))
+
+
+def interleaved(sides: Mapping[str, Callable[[], Any]], rounds: int, *, warm_up: bool = True,
+                report=print) -> dict[str, list[Timing]]:
+  """{side: [Timing per round]}: each side called once per round, sides alternating so that load from other
+  processes hits them alike; with warm_up, one untimed call each first (compilation, caches), reported."""
+  if warm_up:
+    for name, run in sides.items():
+      with timed() as timing:
+        run()
+      report(f"  warm-up {name}: {timing}")
+  timings = {name: [] for name in sides}
+  for _ in range(rounds):
+    for name, run in sides.items():
+      with timed() as timing:
+        run()
+      timings[name].append(timing)
+  return timings
 
 
 # ----------------------------------------------------------------------------------------------------------

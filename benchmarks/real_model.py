@@ -17,6 +17,7 @@ optimizer and execution choices of the loaded config) vs transformers + torch Ad
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 
@@ -84,24 +85,12 @@ def main():
     warm = {k: f() for k, f in sides.items()}
     if "transformers" in warm:
       assert abs(warm["lrjax"] - warm["transformers"]) / abs(warm["transformers"]) < 1e-4, warm
-    timings = {k: [] for k in sides}
-    for _ in range(ARGS.runs):
-      for k, f in sides.items():
-        with harness.timed() as t:
-          f()
-        timings[k].append(t)
+    timings = harness.interleaved(sides, ARGS.runs, warm_up=False)  # warmed up above (the NLLs compared)
     ppl = float(np.exp(warm["lrjax"] / (length - 1)))
     print(f"SmolLM2-135M, 1 x {length} tokens of {os.path.basename(TEXT)}: perplexity {ppl:.3f}; lrjax compile "
           f"{compile_s:.1f} s")
     bench.figure(f"{length}: lrjax compile", compile_s, "s", timed=False, fmt=".1f")
-    tps = {}
-    for k, v in timings.items():
-      median = harness.median_timing(v)
-      tps[k] = length / median.wall_s
-      shown = bench.figure(f"{length}: {k}", tps[k], "tokens/s", fmt=".0f")
-      print(f"  {k:13s} {shown} tokens/s   median {median}")
-    if "transformers" in tps:
-      print(f"  lrjax / transformers = {bench.ratio(f'{length}: lrjax / transformers', tps['lrjax'] / tps['transformers'])}")
+    report_tokens_per_s(bench, f"{length}:", timings, length)
   if ARGS.finetune_length:
     finetune(cfg, params, hf_model, ARGS.finetune_length, bench)
   bench.finish()
@@ -115,25 +104,22 @@ def finetune(cfg, params, hf_model, length: int, bench: harness.Bench) -> None:
   if hf_model is not None:
     ids = torch.from_numpy(tokens_np.astype(np.int64))
     sides["transformers"] = train_throughput.torch_train_runner(hf_model, ids)
-  for k, run in sides.items():
-    with harness.timed() as t:
-      run(1)
-    print(f"  fine-tuning warm-up {k}: {t}")
-  timings = {k: [] for k in sides}
-  for _ in range(ARGS.runs):
-    for k, run in sides.items():
-      with harness.timed() as t:
-        run(1)
-      timings[k].append(t)
+  timings = harness.interleaved({k: functools.partial(run, 1) for k, run in sides.items()}, ARGS.runs,
+                                report=lambda line: print("  fine-tuning" + line[1:]))
   print(f"SmolLM2-135M fine-tuning step, 1 x {length} tokens (AdamW, clip 1.0)")
+  report_tokens_per_s(bench, f"fine-tuning {length}:", timings, length)
+
+
+def report_tokens_per_s(bench: harness.Bench, label: str, timings: dict, tokens: int) -> None:
+  """Records and prints each side's tokens/s (from its median wall time) and lrjax / transformers."""
   tps = {}
   for k, v in timings.items():
     median = harness.median_timing(v)
-    tps[k] = length / median.wall_s
-    shown = bench.figure(f"fine-tuning {length}: {k}", tps[k], "tokens/s", fmt=".0f")
+    tps[k] = tokens / median.wall_s
+    shown = bench.figure(f"{label} {k}", tps[k], "tokens/s", fmt=".0f")
     print(f"  {k:13s} {shown} tokens/s   median {median}")
   if "transformers" in tps:
-    ratio = bench.ratio(f"fine-tuning {length}: lrjax / transformers", tps["lrjax"] / tps["transformers"])
+    ratio = bench.ratio(f"{label} lrjax / transformers", tps["lrjax"] / tps["transformers"])
     print(f"  lrjax / transformers = {ratio}")
 
 

@@ -16,6 +16,7 @@ attention) over the best f32 matmul FLOP/s measured in this run (jax and torch, 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import harness  # first: puts the repository root on sys.path
@@ -126,16 +127,12 @@ def main():
     cfg = base.replace(attention=attention, scan_layers=layers == "scan")
     runners[f"lrjax {v}"] = lrjax_runner(cfg, args.batch, args.length)
   runners["torch"] = torch_runner(base, args.batch, args.length)
-  for name, run in runners.items():  # compile / warm up
+  for name, run in runners.items():  # compile / warm up with one step
     with harness.timed() as timing:
       run(1)
     print(f"  warm-up {name}: {timing}")
-  rounds = {name: [] for name in runners}
-  for _ in range(args.rounds):
-    for name, run in runners.items():
-      with harness.timed() as timing:
-        run(args.steps)
-      rounds[name].append(timing)
+  rounds = harness.interleaved({name: functools.partial(run, args.steps) for name, run in runners.items()},
+                               args.rounds, warm_up=False)
   peaks = matmul_peak()
   peak = max(peaks.values())
   fpt = train.flops_per_token(base, args.length)
