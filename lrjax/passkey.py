@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import time
 
 import numpy as np
 
+from lrjax import answers
 from lrjax import decode
 from lrjax import evaluate
 from lrjax import model as model_lib
@@ -82,7 +84,7 @@ def score(continuation: str, key: int) -> bool:
 def accuracy(config: model_lib.ModelConfig, params: dict, tokenizer, *, lengths: list[int],
              scaling_for_length, samples: int = 10, seed: int = 42, fmt: str = "paper",
              max_new_tokens: int = 10, policy: str = "total_length", prefill_chunk: int | None = None,
-             progress=None) -> list[dict]:
+             progress=None, store: answers.Store | None = None, label: str = "") -> list[dict]:
   """Passkey accuracy per length.
 
   Args:
@@ -91,6 +93,9 @@ def accuracy(config: model_lib.ModelConfig, params: dict, tokenizer, *, lengths:
       depend on which other lengths run.
     prefill_chunk: tokens per prefill step (lrjax.decode.greedy_generate); None: one chunk.
     progress: optional callable(done, total) for progress display.
+    store: optional per-prompt records (lrjax.answers): a prompt already answered with the same RoPE arrays is
+      read back instead of decoded (a resumed run; settings equal at a length share answers); new answers are
+      appended, tagged with `label`.
   Returns:
     [{"length", "accuracy", "correct", "samples", "keys", "answers"}] in the order of `lengths`.
   """
@@ -99,21 +104,36 @@ def accuracy(config: model_lib.ModelConfig, params: dict, tokenizer, *, lengths:
   for length in lengths:
     rng = np.random.default_rng([seed, length])
     scaling: rope_lib.RopeScaling | None = scaling_for_length(length)
-    correct, keys, answers = 0, [], []
-    for _ in range(samples):
+    correct, keys, replies = 0, [], []
+    for index in range(samples):
       sample = build_sample(tokenizer, length, rng, fmt)
-      out = decode.greedy_generate(config, params, sample.tokens[None], max_new_tokens, scaling=scaling,
-                                   policy=policy, prefill_chunk=prefill_chunk)
-      answer = tokenizer.decode([int(x) for x in out[0]])
-      ok = score(answer, sample.key)
-      correct += ok
+      key = None
+      if store is not None:
+        t = int(sample.tokens.size)
+        seq_lens = [t + max_new_tokens] if policy == "total_length" else [t, t + max_new_tokens]
+        key = answers.record_key(f"passkey_{fmt}", length, None, index,
+                                 answers.rope_digest(config, scaling, seq_lens))
+      record = store.get(key) if store is not None else None
+      if record is not None and record["key"] == sample.key:
+        answer = record["answer"]
+      else:
+        began = time.perf_counter()
+        out = decode.greedy_generate(config, params, sample.tokens[None], max_new_tokens, scaling=scaling,
+                                     policy=policy, prefill_chunk=prefill_chunk)
+        answer = tokenizer.decode([int(x) for x in out[0]])
+        if store is not None:
+          store.add([{"task": key[0], "length": length, "depth": None, "index": index, "rope": key[4],
+                      "setting": label, "key": sample.key, "needle_depth": sample.depth, "answer": answer,
+                      "correct": score(answer, sample.key), "prompt_tokens": int(sample.tokens.size),
+                      "seconds": round(time.perf_counter() - began, 3)}])
+      correct += score(answer, sample.key)
       keys.append(sample.key)
-      answers.append(answer)
+      replies.append(answer)
       done += 1
       if progress is not None:
         progress(done, total)
     rows.append({"length": length, "accuracy": correct / samples, "correct": correct, "samples": samples,
-                 "keys": keys, "answers": answers})
+                 "keys": keys, "answers": replies})
   return rows
 
 
@@ -130,6 +150,11 @@ def _schema():
           "progress": schema.BOOL}
 
 
+# The keys an answer depends on besides its prompt and RoPE arrays: a workdir holding other values is refused.
+IDENTITY = ("model", "tokenizer", "dtype", "sliding_window", "original_length", "seed", "format", "max_new_tokens",
+            "policy")
+
+
 class PasskeyError(ValueError):
   """A passkey config that cannot run; the message names the problem."""
 
@@ -138,7 +163,9 @@ def run(config, workdir: str, *, model=None, print_fn=print) -> dict:
   """Passkey accuracy for every (setting, length): table.txt, results.json and passkey.png in `workdir`.
 
   Settings use lrjax.evaluate's grammar (none, yarn, a factor file, ...; derived methods take s = length / L).
-  Results are rewritten after every setting, so an interrupted run keeps what it finished.
+  Every answer is appended to samples.jsonl as soon as it is scored (lrjax.answers), so a rerun with the same
+  workdir decodes only the prompts that have no answer yet; settings whose RoPE arrays are equal at a length
+  (every derived method within the original window) share answers. The tables are rewritten after every setting.
   """
   schema.check(config, _schema(), error=PasskeyError)
   if not workdir:
@@ -149,7 +176,7 @@ def run(config, workdir: str, *, model=None, print_fn=print) -> dict:
   tokenizer = evaluate.load_tokenizer_for(config)
   settings = [evaluate.parse_setting(s, model_config) for s in config.settings]
   lengths = [int(n) for n in config.lengths]
-  os.makedirs(workdir, exist_ok=True)
+  store = answers.Store(workdir, {k: config[k] for k in IDENTITY}, error=PasskeyError)
   rows, details = {}, {}
   with report.progress_bar(config.progress, total=len(settings) * len(lengths) * config.samples,
                            desc="passkey", unit="prompt") as bar:
@@ -158,7 +185,8 @@ def run(config, workdir: str, *, model=None, print_fn=print) -> dict:
       out = accuracy(model_config, params, tokenizer, lengths=lengths, scaling_for_length=setting.scaling_at,
                      samples=config.samples, seed=config.seed, fmt=config.format,
                      max_new_tokens=config.max_new_tokens, policy=config.policy,
-                     prefill_chunk=config.prefill_chunk or None, progress=lambda done, total: bar.update(1))
+                     prefill_chunk=config.prefill_chunk or None, progress=lambda done, total: bar.update(1),
+                     store=store, label=setting.label)
       rows[setting.label] = {r["length"]: r["accuracy"] for r in out}
       details[setting.label] = out
       _write(workdir, rows, details, lengths, model_config)

@@ -76,3 +76,58 @@ def test_accuracy_counts_correct_answers(monkeypatch):
 def test_unknown_format():
   with pytest.raises(ValueError, match="unknown passkey format"):
     passkey.build_sample(Bytes(), 100, np.random.default_rng(0), "haiku")
+
+
+def _counting(monkeypatch):
+  calls = []
+  real = passkey.decode.greedy_generate
+
+  def generate(config, params, prompt, n, **kw):
+    calls.append(prompt.shape[1])
+    return real(config, params, prompt, n, **kw)
+
+  monkeypatch.setattr(passkey.decode, "greedy_generate", generate)
+  return calls
+
+
+def _config(**kw):
+  from configs import passkey as passkey_config
+  c = passkey_config.get_config()
+  c.lengths, c.samples, c.max_new_tokens, c.progress = (256, 512), 2, 4, False
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def test_run_resumes_and_shares_answers_of_equal_rope(monkeypatch, tmp_path):
+  """The experiment on the built-in model (window 256): YaRN equals none at 256 tokens and shares its answers;
+  a rerun with more samples decodes only the new prompts, and gives what a fresh run gives."""
+  from lrjax import evaluate
+  model = evaluate.load_model(_config())
+  calls = _counting(monkeypatch)
+  first = passkey.run(_config(), str(tmp_path / "a"), model=model, print_fn=lambda s: None)
+  assert len(calls) == 6  # none: 2 at 256 + 2 at 512; yarn: 2 at 512 (256 shared with none)
+  assert first["details"]["yarn"][0]["answers"] == first["details"]["none"][0]["answers"]
+  calls.clear()
+  resumed = passkey.run(_config(samples=3), str(tmp_path / "a"), model=model, print_fn=lambda s: None)
+  assert len(calls) == 3  # the third prompt of none at 256 and 512, of yarn at 512
+  calls.clear()
+  fresh = passkey.run(_config(samples=3), str(tmp_path / "b"), model=model, print_fn=lambda s: None)
+  assert len(calls) == 9  # none 3 + 3, yarn 3 at 512
+  assert resumed == fresh
+  for label in ("none", "yarn"):
+    for r_first, r_resumed in zip(first["details"][label], resumed["details"][label]):
+      assert r_resumed["answers"][:2] == r_first["answers"] and r_resumed["keys"][:2] == r_first["keys"]
+  lines = (tmp_path / "a" / "samples.jsonl").read_text().splitlines()
+  assert len(lines) == 9 and (tmp_path / "a" / "table.txt").exists()
+
+
+def test_run_refuses_a_workdir_of_another_run(tmp_path):
+  from lrjax import evaluate
+  model = evaluate.load_model(_config())
+  passkey.run(_config(lengths=(256,), samples=1, settings=("none",)), str(tmp_path), model=model,
+              print_fn=lambda s: None)
+  with pytest.raises(passkey.PasskeyError, match=r"holds a run with seed=42, not 7"):
+    passkey.run(_config(lengths=(256,), samples=1, settings=("none",), seed=7), str(tmp_path), model=model,
+                print_fn=lambda s: None)
+  assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 1

@@ -1,10 +1,5 @@
-"""The files of a RULER run: per-sample records (resume), tables, per-task CSVs, results.json and heat maps.
-
-samples.jsonl holds one JSON record per answered prompt, appended and fsynced as soon as it is scored, keyed by
-(task, length, depth, index, rope): the sample and the RoPE arrays the model ran with, so settings whose arrays
-coincide (every derived method within the original window) share their records. run.json holds the identity of
-the run (model, tokenizer, seed, template, data, ...); a workdir whose identity differs is refused rather than
-mixed. Everything else is rebuilt from the records after every cell:
+"""The files of a RULER run: tables, per-task CSVs, results.json and heat maps, rebuilt after every cell from
+the per-prompt records (lrjax.answers: samples.jsonl and the run identity run.json, which make a run resumable):
 
   table.txt, table.md   the average over tasks (rows: settings, columns: lengths), one table per task, and one
                         depth x length table per (setting, task) of a needle grid; cells "mean ± standard error"
@@ -17,71 +12,16 @@ mixed. Everything else is rebuilt from the records after every cell:
 from __future__ import annotations
 
 import collections
-import json
 import os
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from lrjax import report
+from lrjax.answers import RECORDS, Store, record_key
 from lrjax.ruler import scoring
-from lrjax.ruler.prompts import RulerError
 from lrjax.ruler.tasks import TASKS
-
-RECORDS, IDENTITY = "samples.jsonl", "run.json"
-
-Key = tuple  # (task, length, depth, index, rope)
-
-
-def record_key(task: str, length: int, depth: float | None, index: int, rope: str) -> Key:
-  return task, int(length), None if depth is None else float(depth), int(index), rope
-
-
-class Store:
-  """The records of a workdir: read once on opening, appended one line per record (a kill loses only the
-  record being written; a torn last line is dropped on the next open)."""
-
-  def __init__(self, workdir: str, identity: Mapping[str, Any]):
-    os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, RECORDS)
-    identity = json.loads(json.dumps(dict(identity)))  # tuples -> lists, as read back
-    identity_path = os.path.join(workdir, IDENTITY)
-    if os.path.exists(identity_path):
-      with open(identity_path, encoding="utf-8") as f:
-        stored = json.load(f)
-      changed = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
-      if changed:
-        k = changed[0]
-        raise RulerError(f"{workdir} holds a run with {k}={stored.get(k)!r}, not {identity.get(k)!r}; use another "
-                         "--workdir (or delete it) to start a new run")
-    else:
-      report.write_json(identity_path, identity)
-    self.records: dict[Key, dict] = {}
-    if os.path.exists(self.path):
-      with open(self.path, "rb") as f:
-        data = f.read()
-      complete = data[:data.rfind(b"\n") + 1]
-      if len(complete) < len(data):  # the process died mid-line
-        with open(self.path, "r+b") as f:
-          f.truncate(len(complete))
-      for line in complete.decode("utf-8").splitlines():
-        if line.strip():
-          r = json.loads(line)
-          self.records[record_key(r["task"], r["length"], r["depth"], r["index"], r["rope"])] = r
-
-  def get(self, key: Key) -> dict | None:
-    return self.records.get(key)
-
-  def add(self, records: Iterable[dict]) -> None:
-    records = list(records)
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write("".join(json.dumps(r) + "\n" for r in records))
-      f.flush()
-      os.fsync(f.fileno())
-    for r in records:
-      self.records[record_key(r["task"], r["length"], r["depth"], r["index"], r["rope"])] = r
-
 
 Stats = tuple  # (mean | None, stderr | None)
 

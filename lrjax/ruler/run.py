@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import time
 from typing import Callable
 
 import numpy as np
 
-from lrjax import decode, evaluate, report, schema
+from lrjax import answers, decode, evaluate, report, schema
 from lrjax.ruler import prompts, results, scoring, sources, tasks
 from lrjax.ruler.prompts import RulerError
 
@@ -55,7 +54,7 @@ class Cell:
   rope: str
 
   def key(self, index: int) -> results.Key:
-    return results.record_key(self.task.name, self.length, self.depth, index, self.rope)
+    return answers.record_key(self.task.name, self.length, self.depth, index, self.rope)
 
 
 def _check_sweep(sweep, where: str) -> list[tasks.TaskConfig]:
@@ -95,15 +94,9 @@ def validate_config(config) -> None:
 
 
 def _rope_key(model_config, scaling, length: int, prompt_length: int, policy: str) -> str:
-  """A digest of the RoPE arrays the decode of a `length`-token sequence uses (at the prompt and final lengths
-  under reprefill, where the set may switch in between)."""
-  digest = hashlib.sha1()
-  for n in ([length] if policy == "total_length" else [prompt_length, length]):
-    for array in model_config.rope_arrays(scaling, seq_len=n):
-      array = np.asarray(array)
-      digest.update(f"{array.dtype}{array.shape}".encode())
-      digest.update(np.ascontiguousarray(array).tobytes())
-  return digest.hexdigest()[:16]
+  """The RoPE arrays the decode of a `length`-token sequence uses (at the prompt and final lengths under
+  reprefill, where the set may switch in between)."""
+  return answers.rope_digest(model_config, scaling, [length] if policy == "total_length" else [prompt_length, length])
 
 
 def plan(config, model_config) -> list[Cell]:
@@ -160,11 +153,11 @@ def _answer(model, tokenizer, cell: Cell, samples: list[tasks.Sample], policy: s
   out = decode.greedy_generate(model_config, params, np.stack([s.tokens for s in samples]),
                                cell.task.max_new_tokens, scaling=cell.setting.scaling_at(cell.length),
                                policy=policy, stop=stop)
-  answers = []
+  replies = []
   for row in out:
     end = int(np.argmax(row == eos)) if eos is not None and (row == eos).any() else row.size
-    answers.append((tokenizer.decode([int(t) for t in row[:end]]), min(end + 1, int(row.size))))
-  return answers
+    replies.append((tokenizer.decode([int(t) for t in row[:end]]), min(end + 1, int(row.size))))
+  return replies
 
 
 def _header(config, model_config, template: str) -> dict:
@@ -195,7 +188,7 @@ def run(config, workdir: str, *, model=None, print_fn: Callable[[str], None] = p
   template, format_prompt, add_bos = prompts.prompt_format(config.template, tokenizer)
   cells = plan(config, model_config)
   sample = _sampler(config, cells, tokenizer, format_prompt, add_bos)
-  store = results.Store(workdir, {k: config[k] for k in IDENTITY})
+  store = answers.Store(workdir, {k: config[k] for k in IDENTITY}, error=RulerError)
   header = _header(config, model_config, template)
   # Prompt tokens to answer, each key once: cells whose RoPE arrays are equal share their samples.
   pending = {c.key(i): c.length for c in cells for i in range(c.samples) if store.get(c.key(i)) is None}
@@ -209,13 +202,13 @@ def run(config, workdir: str, *, model=None, print_fn: Callable[[str], None] = p
         bar.set_postfix_str(f"{cell.setting.label} @ {cell.length} {cell.task.name} #{batch[0]}")
         batch_samples = [sample(cell, i) for i in batch]
         began = time.perf_counter()
-        answers = _answer((model_config, params), tokenizer, cell, batch_samples, config.policy)
+        replies = _answer((model_config, params), tokenizer, cell, batch_samples, config.policy)
         seconds = (time.perf_counter() - began) / len(batch)
         store.add({"task": cell.task.name, "length": cell.length, "depth": cell.depth, "index": i,
                    "rope": cell.rope, "setting": cell.setting.label, "spec": cell.setting.spec,
                    "score": scoring.score(s, text), "prediction": text, "outputs": s.outputs,
                    "needle_depth": s.depth, "prompt_tokens": int(s.tokens.size), "new_tokens": new,
-                   "seconds": round(seconds, 3)} for i, s, (text, new) in zip(batch, batch_samples, answers))
+                   "seconds": round(seconds, 3)} for i, s, (text, new) in zip(batch, batch_samples, replies))
         bar.update(cell.length * len(batch))
       if todo and k + 1 < len(cells):  # the last cell's files are written below
         summary = results.Summary(cells, store)
