@@ -23,12 +23,11 @@ Variants:
               samples each; niah_single_1 and niah_multikey_1 at 16k for none, YaRN and the searched LongRoPE
               factors, 3 samples each. LongRoPE inside the window is left out: its factors rescale every length
               and would double the 4k/8k cost. Budget on 2 CPU cores (prefill ~25 s at 4k, ~60 s at 8k,
-              ~150 s at 16k, plus decoding up to EOS): 66 prompts at 4k/8k ~ 1 h, 18 at 16k ~ 45 min. With 3-4
-              samples a cell's standard error is large (up to ~30 points for 0/100 scores); the task average
-              over 11 tasks is tighter. QA needs SQuAD / HotpotQA files: set squad / hotpotqa and add qa_1 / qa_2.
+              ~150 s at 16k, plus decoding up to EOS): 66 prompts at 4k/8k ~ 1 h, 18 at 16k ~ 45 min: the run
+              committed in experiments/results/ruler_smollm2. With 3 samples a cell's standard error is large
+              (up to ~33 points); the task average over 11 tasks is tighter. QA needs SQuAD / HotpotQA files: set squad / hotpotqa and add qa_1 / qa_2.
   smollm2_16k  the 16k slice of smollm2 with 2 samples per cell (none, YaRN, LongRoPE x niah_single_1,
-              niah_multikey_1: 12 prompts, ~40 min on 2 CPU cores): the run committed in
-              experiments/results/ruler_smollm2.
+              niah_multikey_1: 12 prompts, ~40 min on 2 CPU cores).
   smollm2_grid  SmolLM2, niah_single_2 (a needle in the Vim manual) at 2k/4k/8k/16k x 5 depths, 2 samples per cell,
               for none and LongRoPE at every length and YaRN at 16k (~2 h).
 """
