@@ -21,8 +21,8 @@ Variants:
   smollm2     SmolLM2-135M-Instruct (window 8192, its chat template, essays = the Vim user manual): the 11
               synthetic tasks at 4k and 8k for none (and yarn, which equals none there: no extra compute), 3
               samples each; niah_single_1 and niah_multikey_1 at 16k for none, YaRN and the searched LongRoPE
-              factors, 3 samples each. LongRoPE inside the window is left out: its factors rescale every length
-              and would double the 4k/8k cost. Budget on 2 CPU cores (prefill ~25 s at 4k, ~60 s at 8k,
+              factors, 3 samples each; LongRoPE inside the window with 1 sample per cell (its factors rescale
+              every length, so its cells cost as much as the whole 4k/8k sweep again). Budget on 2 CPU cores (prefill ~25 s at 4k, ~60 s at 8k,
               ~150 s at 16k, plus decoding up to EOS): 66 prompts at 4k/8k ~ 1 h, 18 at 16k ~ 45 min: the run
               committed in experiments/results/ruler_smollm2. With 3 samples a cell's standard error is large
               (up to ~33 points); the task average over 11 tasks is tighter. QA needs SQuAD / HotpotQA files: set squad / hotpotqa and add qa_1 / qa_2.
@@ -74,7 +74,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.haystack = VIM_MANUAL
     c.max_new_tokens = 0
     c.sweeps = [sweep([4096, 8192], ["none", "yarn"], SYNTHETIC, 3),
-                sweep([16384], ["none", "yarn", LONGROPE], ["niah_single_1", "niah_multikey_1"], 3)]
+                sweep([16384], ["none", "yarn", LONGROPE], ["niah_single_1", "niah_multikey_1"], 3),
+                sweep([4096, 8192], [LONGROPE], SYNTHETIC, 1)]
   elif variant == "smollm2_16k":
     c.model = "smollm2"
     c.haystack = VIM_MANUAL
