@@ -53,7 +53,7 @@ class Cell:
   samples: int
   rope: str
 
-  def key(self, index: int) -> results.Key:
+  def key(self, index: int) -> answers.Key:
     return answers.record_key(self.task.name, self.length, self.depth, index, self.rope)
 
 
