@@ -292,6 +292,7 @@ def test_shipped_configs_validate(variant):
   if variant == "smollm2":  # every synthetic family inside the window, the two NIAH tasks beyond it
     assert {ruler.TASKS[t].family for t in tasks} == {"niah", "vt", "cwe", "fwe"} and len(tasks) == 11
     assert [(s.lengths, s.settings) for s in c.sweeps] == [
-        ((4096, 8192), ("none", "yarn")), ((16384,), ("none", "yarn", ruler_configs.LONGROPE))]
+        ((4096, 8192), ("none", "yarn")), ((16384,), ("none", "yarn", ruler_configs.LONGROPE)),
+        ((4096, 8192), (ruler_configs.LONGROPE,))]
   with pytest.raises(ValueError, match="unknown ruler config variant 'nope'"):
     ruler_configs.get_config("nope")
